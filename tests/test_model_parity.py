@@ -21,11 +21,7 @@ SIZES = [(40, 170), (230, 50), (30, 20), (97, 113), (300, 160)]
 
 
 def spec_for(cfg) -> ImageSpec:
-    v = cfg.vision
-    return ImageSpec(
-        tile_size=v.image_size, patch_size=v.patch_size, mean=v.image_mean, std=v.image_std,
-        pinpoints=cfg.image_grid_pinpoints, convention=cfg.convention, frame_crop=v.kind == "clip",
-    )
+    return ImageSpec.from_model_config(cfg)
 
 
 def random_image(width: int, height: int, seed: int) -> Image.Image:

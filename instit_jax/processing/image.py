@@ -23,13 +23,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .anyres import AnyResPlan, Convention, Pinpoints, parse_pinpoints, plan_anyres
 from .errors import SampleError
+from instit_jax.models.config import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, VICUNA_PINPOINTS, LlavaNextConfig
 
-OPENAI_CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-SIGLIP_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
-SIGLIP_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
-# Vicuna Inst-IT config (spec §4.1); a symmetric set, so only tie-breaks depend on the convention.
-VICUNA_PINPOINTS: tuple[tuple[int, int], ...] = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+# The vision-tower constants live with the model config (one place for each fact).
+OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = CLIP_MEAN, CLIP_STD
 
 RESCALE_FACTOR = 1 / 255
 _BICUBIC = Image.Resampling.BICUBIC
@@ -63,6 +60,13 @@ class ImageSpec:
     @classmethod
     def siglip_384(cls, pinpoints: Pinpoints, convention: Convention = "hf") -> ImageSpec:
         return cls(384, 14, SIGLIP_MEAN, SIGLIP_STD, pinpoints, convention, frame_crop=False)
+
+    @classmethod
+    def from_model_config(cls, cfg: LlavaNextConfig) -> ImageSpec:
+        """The pixels and AnyRes grid a model config expects."""
+        v = cfg.vision
+        return cls(v.image_size, v.patch_size, v.image_mean, v.image_std, cfg.image_grid_pinpoints,
+                   cfg.convention, frame_crop=v.kind == "clip")
 
     @property
     def tokens_per_side(self) -> int:
