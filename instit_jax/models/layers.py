@@ -173,32 +173,33 @@ class LayerStack(nnx.Module):
 
     def __call__(
         self,
-        x: jax.Array,
+        carry: Any,
         *args: Any,
         num: int | None = None,
         scan: bool = True,
         remat: str = "none",
-        per_layer: Any = None,
-    ) -> tuple[jax.Array, Any]:
-        """Runs layers [0, num). Each layer is called as layer(x, per_layer_i, *args) -> (x, out_i)."""
+    ) -> Any:
+        """Runs layers [0, num) as carry = layer(carry, layer_index, *args).
+
+        The carry is the hidden state, or any pytree holding it (the decoder carries its KV cache
+        along, so a decode step updates the cache in place instead of copying it per layer).
+        """
         num = self.num_layers if num is None else num
+        if num == 0:
+            return carry
         graphdef, state = nnx.split(self.stacked)
         if num < self.num_layers:
             state = jax.tree.map(lambda a: a[:num], state)
 
-        def body(carry: jax.Array, xs: Any) -> tuple[jax.Array, Any]:
-            layer_state, layer_in = xs
-            return nnx.merge(graphdef, layer_state)(carry, layer_in, *args)
+        def body(carry: Any, xs: Any) -> tuple[Any, None]:
+            layer_state, index = xs
+            return nnx.merge(graphdef, layer_state)(carry, index, *args), None
 
         if remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
-        if num == 0:
-            return x, None
         if scan:
-            return jax.lax.scan(body, x, (state, per_layer))
-        outs = []
+            carry, _ = jax.lax.scan(body, carry, (state, jnp.arange(num)))
+            return carry
         for i in range(num):
-            x, out = body(x, jax.tree.map(lambda a, i=i: a[i], (state, per_layer)))
-            outs.append(out)
-        stacked = None if outs[0] is None else jax.tree.map(lambda *o: jnp.stack(o), *outs)
-        return x, stacked
+            carry, _ = body(carry, (jax.tree.map(lambda a, i=i: a[i], state), i))
+        return carry

@@ -7,7 +7,7 @@ padding (id 0). An unpacked batch is the special case segment_ids = attention_ma
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +40,18 @@ def apply_rope(x_bthd: jax.Array, cos_btd: jax.Array, sin_btd: jax.Array) -> jax
     return x_bthd * cos_btd[:, :, None] + rotated * sin_btd[:, :, None]
 
 
+class KVCache(NamedTuple):
+    """Keys (after RoPE) and values of every layer: (layers, B, T, kv_heads, head_dim) each."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, cfg: TextConfig, batch: int, length: int, dtype: Any) -> "KVCache":
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
 class DecoderAttention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -53,12 +65,29 @@ class DecoderAttention(nnx.Module):
         self.scale = hd**-0.5
         self.dtype = dtype
 
-    def __call__(self, x_btd: jax.Array, cos_sin: tuple[jax.Array, jax.Array], bias_bts: jax.Array) -> jax.Array:
+    def __call__(
+        self,
+        x_btd: jax.Array,
+        cos_sin: tuple[jax.Array, jax.Array],
+        bias_bts: jax.Array,
+        cache: KVCache | None,
+        layer_index: Any,
+        cache_index: Any,
+    ) -> tuple[jax.Array, KVCache | None]:
         cos, sin = cos_sin
         q = apply_rope(self.q_proj(x_btd), cos, sin)
         k = apply_rope(self.k_proj(x_btd), cos, sin)
         v = self.v_proj(x_btd)
-        return self.o_proj(attention(q, k, v, bias_bts, scale=self.scale, dtype=self.dtype))
+        if cache is not None:
+            # Write this step's keys/values at [layer, :, cache_index:], attend over the whole buffer.
+            at = (layer_index, 0, cache_index, 0, 0)
+            cache = KVCache(
+                jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at),
+                jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at),
+            )
+            k = jax.lax.dynamic_index_in_dim(cache.k, layer_index, 0, keepdims=False).astype(self.dtype)
+            v = jax.lax.dynamic_index_in_dim(cache.v, layer_index, 0, keepdims=False).astype(self.dtype)
+        return self.o_proj(attention(q, k, v, bias_bts, scale=self.scale, dtype=self.dtype)), cache
 
 
 class DecoderMLP(nnx.Module):
@@ -81,11 +110,26 @@ class DecoderLayer(nnx.Module):
         self.mlp = DecoderMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(
-        self, x_btd: jax.Array, unused: Any, cos_sin: tuple[jax.Array, jax.Array], bias_bts: jax.Array
-    ) -> tuple[jax.Array, None]:
-        x_btd = x_btd + self.self_attn(self.input_layernorm(x_btd), cos_sin, bias_bts)
-        x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd))
-        return x_btd, None
+        self,
+        carry: tuple[jax.Array, KVCache | None],
+        layer_index: Any,
+        cos_sin: tuple[jax.Array, jax.Array],
+        bias_bts: jax.Array,
+        cache_index: Any,
+    ) -> tuple[jax.Array, KVCache | None]:
+        x_btd, cache = carry
+        attn, cache = self.self_attn(
+            self.input_layernorm(x_btd), cos_sin, bias_bts, cache, layer_index, cache_index
+        )
+        x_btd = x_btd + attn
+        return x_btd + self.mlp(self.post_attention_layernorm(x_btd)), cache
+
+
+def cache_bias(key_valid_bs: jax.Array, cache_index: Any, num_queries: int) -> jax.Array:
+    """Additive (B, T_new, S) bias for queries written at cache_index.. over an S-slot KV buffer."""
+    query_slot = cache_index + jnp.arange(num_queries)
+    causal = jnp.arange(key_valid_bs.shape[1])[None, :] <= query_slot[:, None]
+    return mask_to_bias(key_valid_bs[:, None, :] & causal[None])
 
 
 def segment_causal_bias(segment_ids_bt: jax.Array) -> jax.Array:
@@ -120,12 +164,32 @@ class Decoder(nnx.Module):
     def embed(self, ids_bt: jax.Array) -> jax.Array:
         return jnp.take(self.embed_tokens[...], ids_bt, axis=0).astype(self.dtype)
 
-    def hidden_states(self, x_btd: jax.Array, positions_bt: jax.Array, segment_ids_bt: jax.Array) -> jax.Array:
-        """Runs the layers and final norm on input embeddings."""
+    def _run(self, x_btd, positions_bt, bias_bts, cache, cache_index):
         cos_sin = rope_cos_sin(positions_bt, rope_inv_freq(self.cfg), self.dtype)
-        bias_bts = segment_causal_bias(segment_ids_bt)
-        x_btd, _ = self.layers(x_btd.astype(self.dtype), cos_sin, bias_bts, scan=self.scan, remat=self.remat)
-        return self.norm(x_btd)
+        x_btd, cache = self.layers(
+            (x_btd.astype(self.dtype), cache), cos_sin, bias_bts, cache_index, scan=self.scan, remat=self.remat
+        )
+        return self.norm(x_btd), cache
+
+    def hidden_states(self, x_btd: jax.Array, positions_bt: jax.Array, segment_ids_bt: jax.Array) -> jax.Array:
+        """Runs the layers and final norm on input embeddings (training / scoring)."""
+        h_btd, _ = self._run(x_btd, positions_bt, segment_causal_bias(segment_ids_bt), None, 0)
+        return h_btd
+
+    def cached_hidden_states(
+        self,
+        x_btd: jax.Array,
+        positions_bt: jax.Array,
+        key_valid_bs: jax.Array,
+        cache: KVCache,
+        cache_index: Any,
+    ) -> tuple[jax.Array, KVCache]:
+        """Prefill or decode: the T new tokens occupy cache slots [cache_index, cache_index + T).
+
+        `key_valid_bs` marks the slots holding real tokens (prompt padding stays False).
+        """
+        bias = cache_bias(key_valid_bs, cache_index, x_btd.shape[1])
+        return self._run(x_btd, positions_bt, bias, cache, cache_index)
 
     def logits(self, h_btd: jax.Array) -> jax.Array:
         if self.lm_head is None:

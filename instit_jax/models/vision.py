@@ -54,10 +54,9 @@ class VisionLayer(nnx.Module):
         self.layer_norm2 = LayerNorm(cfg.hidden_size, **norm)
         self.mlp = VisionMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x_btd: jax.Array, unused: Any = None) -> tuple[jax.Array, None]:
+    def __call__(self, x_btd: jax.Array, layer_index: Any = None) -> jax.Array:
         x_btd = x_btd + self.self_attn(self.layer_norm1(x_btd))
-        x_btd = x_btd + self.mlp(self.layer_norm2(x_btd))
-        return x_btd, None
+        return x_btd + self.mlp(self.layer_norm2(x_btd))
 
 
 class VisionEmbeddings(nnx.Module):
@@ -114,9 +113,7 @@ class VisionTower(nnx.Module):
         x_ntd = self.embeddings(pixels_nhwc)
         if self.pre_layrnorm is not None:
             x_ntd = self.pre_layrnorm(x_ntd)
-        x_ntd, _ = self.encoder(
-            x_ntd, num=self.cfg.num_computed_layers, scan=self.scan, remat=self.remat
-        )
+        x_ntd = self.encoder(x_ntd, num=self.cfg.num_computed_layers, scan=self.scan, remat=self.remat)
         if self.cfg.has_cls and self.cfg.feature_strategy == "default":
             x_ntd = x_ntd[:, 1:]
         return x_ntd
