@@ -12,7 +12,7 @@ from instit_jax.processing.batch import Sample, assemble_batch, image_input, vid
 from instit_jax.processing.image import preprocess_image
 from instit_jax.processing.prompts import PLACEHOLDER_ID
 from test_model_parity import random_image, spec_for
-from test_video_parity import random_frames, reference_video_tokens
+from test_video_parity import random_frames, reference_video_embeds
 
 NEW = 10
 SIZES = [(230, 50), (40, 170), (97, 113)]
@@ -80,10 +80,7 @@ def test_greedy_matches_hf_on_video_frames():
     visual = video_input(frames, cfg.pooled_tokens_per_frame, max_frames=cfg.max_frames)
     batch = assemble_batch([Sample("v", ids, None, (visual,))], layout_for(cfg))
     with torch.no_grad():
-        tokens = reference_video_tokens(hf, cfg, frames)
-        text = torch.from_numpy(np.concatenate([[1], before, [0] * tokens.shape[0], after]).astype(np.int64))
-        embeds = hf.model.get_input_embeddings()(text)[None].clone()
-        embeds[0, 1 + len(before): 1 + len(before) + tokens.shape[0]] = tokens
+        embeds = reference_video_embeds(hf, cfg, frames, before, after)
     expected = hf_generate(hf, dict(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long)), NEW)
     assert gen.Generator(ours).generate(batch, gen.SamplingConfig(max_new_tokens=NEW)) == expected
 

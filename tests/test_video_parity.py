@@ -38,6 +38,15 @@ def reference_video_tokens(hf, cfg, frames_nhwc: np.ndarray) -> torch.Tensor:
     return pooled.permute(0, 2, 3, 1).reshape(-1, pooled.shape[1])
 
 
+def reference_video_embeds(hf, cfg, frames: np.ndarray, before: np.ndarray, after: np.ndarray) -> torch.Tensor:
+    """HF input embeddings of [BOS, before, video tokens, after] with Inst-IT-pooled video tokens."""
+    tokens = reference_video_tokens(hf, cfg, frames)
+    text = torch.from_numpy(np.concatenate([[1], before, [0] * tokens.shape[0], after]).astype(np.int64))
+    embeds = hf.model.get_input_embeddings()(text)[None].clone()
+    embeds[0, 1 + len(before) : 1 + len(before) + tokens.shape[0]] = tokens
+    return embeds
+
+
 def random_frames(cfg, seed: int) -> np.ndarray:
     s, crop = cfg.vision.image_size, cfg.vision.kind == "clip"
     frames = [
@@ -59,12 +68,8 @@ def test_video_logits_match_instit_pooling(preset):
     batch = assemble_batch([Sample("clip0", ids, None, (visual,))], layout_for(cfg))
 
     with torch.no_grad():
-        video_tokens = reference_video_tokens(hf, cfg, frames)
-        n_vis = video_tokens.shape[0]
-        assert n_vis == NUM_FRAMES * cfg.pooled_tokens_per_frame
-        text = torch.from_numpy(np.concatenate([[1], before, [0] * n_vis, after]).astype(np.int64))
-        embeds = hf.model.get_input_embeddings()(text)[None].clone()
-        embeds[0, 1 + len(before) : 1 + len(before) + n_vis] = video_tokens
+        embeds = reference_video_embeds(hf, cfg, frames, before, after)
+        assert embeds.shape[1] == 1 + len(before) + NUM_FRAMES * cfg.pooled_tokens_per_frame + len(after)
         logits = hf(inputs_embeds=embeds).logits
 
     n = embeds.shape[1]
