@@ -8,6 +8,7 @@ import torch
 
 from hf_reference import layout_for, tiny_pair, to_torch_pixels
 from instit_jax import generate as gen
+from instit_jax.testing import hf_token_rows
 from instit_jax.processing.batch import Sample, assemble_batch, image_input, video_input
 from instit_jax.processing.image import preprocess_image
 from instit_jax.processing.prompts import PLACEHOLDER_ID
@@ -31,14 +32,9 @@ def image_prompts(cfg, seed=0):
         views.append(pixels)
         rows.append(np.concatenate([[1], before, [cfg.image_token_id] * plan.num_tokens, after]))
         image_sizes.append((h, w))
-    longest = max(len(r) for r in rows)
-    ids = np.zeros((len(rows), longest), np.int64)
-    mask = np.zeros_like(ids)
-    for b, r in enumerate(rows):  # HF batched generation pads on the left
-        ids[b, longest - len(r):] = r
-        mask[b, longest - len(r):] = 1
-    hf_inputs = dict(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                     pixel_values=to_torch_pixels(views), image_sizes=torch.tensor(image_sizes))
+    ids, mask = hf_token_rows(rows, left_pad=True)  # HF batched generation pads on the left
+    hf_inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=to_torch_pixels(views),
+                     image_sizes=torch.tensor(image_sizes))
     return assemble_batch(samples, layout_for(cfg)), hf_inputs
 
 

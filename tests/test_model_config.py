@@ -11,9 +11,9 @@ import pytest
 import torch
 from flax import nnx
 
-from hf_reference import randomize_
 from instit_jax.convert.hf_config import to_hf_config
-from instit_jax.convert.hf_params import flax_arrays_from_hf, load_into_model
+from instit_jax.convert.hf_params import load_into_model
+from instit_jax.testing import hf_flax_pair
 from instit_jax.models import config as C
 from instit_jax.models.llava_next import LlavaNext
 from test_model_parity import build, max_diff
@@ -61,11 +61,7 @@ def test_hf_4x_style_config_with_linear_rope_scaling():
 def test_linear_rope_scaling_matches_transformers():
     cfg = C.tiny_vicuna()
     cfg = cfg.replace(text=dataclasses.replace(cfg.text, rope_linear_factor=2.0))
-    from transformers import LlavaNextForConditionalGeneration
-
-    hf = LlavaNextForConditionalGeneration(to_hf_config(cfg)).eval()
-    randomize_(hf, 1)
-    ours = load_into_model(cfg, flax_arrays_from_hf(hf.state_dict(), cfg))
+    hf, ours = hf_flax_pair(cfg, seed=1)
     batch, hf_inputs, (n,) = build(cfg, [(150, 90)])
     with torch.no_grad():
         logits = hf(**hf_inputs).logits

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from hf_reference import layout_for, tiny_pair, to_torch_pixels
+from instit_jax.testing import hf_token_rows
 from instit_jax.processing.batch import Sample, assemble_batch, image_input
 from instit_jax.processing.image import ImageSpec, preprocess_image
 from instit_jax.processing.prompts import PLACEHOLDER_ID
@@ -47,15 +48,10 @@ def build(cfg, sizes, seed=0):
         hf_rows.append(np.concatenate([[1], before, [cfg.image_token_id] * plan.num_tokens, after]))
         image_sizes.append((h, w))
     batch = assemble_batch(samples, layout_for(cfg))
-    longest = max(len(r) for r in hf_rows)
-    hf_ids = np.zeros((len(sizes), longest), np.int64)
-    hf_mask = np.zeros((len(sizes), longest), np.int64)
-    for b, r in enumerate(hf_rows):
-        hf_ids[b, : len(r)] = r
-        hf_mask[b, : len(r)] = 1
+    hf_ids, hf_mask = hf_token_rows(hf_rows, left_pad=False)
     hf_inputs = dict(
-        input_ids=torch.from_numpy(hf_ids), attention_mask=torch.from_numpy(hf_mask),
-        pixel_values=to_torch_pixels(views), image_sizes=torch.tensor(image_sizes),
+        input_ids=hf_ids, attention_mask=hf_mask, pixel_values=to_torch_pixels(views),
+        image_sizes=torch.tensor(image_sizes),
     )
     return batch, hf_inputs, [len(r) for r in hf_rows]
 
