@@ -8,6 +8,7 @@ maps each Flax leaf to its (A) key (with `{i}` for stacked layers) and a layout 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -16,6 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from instit_jax.convert.errors import KeyMismatchError
 from instit_jax.models.config import LlavaNextConfig
 from instit_jax.models.llava_next import LlavaNext
 
@@ -120,10 +122,6 @@ def _num_layers(cfg: LlavaNextConfig, path: tuple[str, ...]) -> int:
     return cfg.vision.num_layers if path[0] == "vision_tower" else cfg.text.num_layers
 
 
-class KeyMismatchError(ValueError):
-    """Missing or unexpected checkpoint keys; lists them."""
-
-
 def abstract_model(cfg: LlavaNextConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """Graph and shape-only state of the model: nothing is allocated."""
     return nnx.split(nnx.eval_shape(lambda: LlavaNext(cfg, rngs=nnx.Rngs(0))))
@@ -198,3 +196,71 @@ def load_into_model(cfg: LlavaNextConfig, arrays: Mapping[tuple[str, ...], np.nd
     for path, var in flat:
         var.set_value(jax.numpy.asarray(arrays[path], dtype=var.dtype))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+# --------------------------------------------------------------------------- streaming plan
+
+
+def hf_shape(rule: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The HF tensor shape of one (unstacked) Flax leaf of `flax_shape` under `rule` (see _to_hf)."""
+    s = tuple(int(d) for d in flax_shape)
+    if rule == "linear":
+        return (int(np.prod(s[1:])), s[0])
+    if rule == "linear_o":
+        return (s[-1], int(np.prod(s[:-1])))
+    if rule == "conv":
+        return (s[3], s[2], s[0], s[1])
+    if rule == "bias_heads":
+        return (int(np.prod(s)),)
+    return s
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamEntry:
+    """One Flax leaf and the HF hub-layout (A) tensor(s) it is made of."""
+
+    path: tuple[str, ...]
+    key: str  # hub key; contains "{i}" for a leaf stacked over layers
+    rule: str
+    shape: tuple[int, ...]  # Flax shape, with the leading layer axis when stacked
+
+    @property
+    def stacked(self) -> bool:
+        return "{i}" in self.key
+
+    @property
+    def layer_shape(self) -> tuple[int, ...]:
+        """Flax shape of one HF tensor's worth of this leaf."""
+        return self.shape[1:] if self.stacked else self.shape
+
+    @property
+    def hub_keys(self) -> list[str]:
+        return [self.key.format(i=i) for i in range(self.shape[0])] if self.stacked else [self.key]
+
+    @property
+    def hub_shape(self) -> tuple[int, ...]:
+        return hf_shape(self.rule, self.layer_shape)
+
+
+def param_entries(cfg: LlavaNextConfig) -> list[ParamEntry]:
+    """The table for `cfg`, with shapes, in a fixed order. Nothing is allocated."""
+    _, state = abstract_model(cfg)
+    shapes = {path: tuple(var.shape) for path, var in nnx.to_flat_state(state)}
+    entries = [ParamEntry(path, fmt, rule, shapes[path]) for path, fmt, rule in _entries(cfg)]
+    unmapped = set(shapes) - {e.path for e in entries}
+    if unmapped:  # a table bug, not a user error
+        raise AssertionError(f"parameters with no checkpoint entry: {sorted(unmapped)}")
+    for e in entries:
+        if e.stacked and e.shape[0] != _num_layers(cfg, e.path):
+            raise AssertionError(f"{e.path}: stacked over {e.shape[0]} layers, config has {_num_layers(cfg, e.path)}")
+    return entries
+
+
+def to_flax_tensor(array: np.ndarray, rule: str, shape: tuple[int, ...], key: str) -> np.ndarray:
+    """One HF tensor → its Flax (per-layer) leaf of `shape`: a view where the layout allows."""
+    return _to_flax(array, rule, shape, key)
+
+
+def to_hf_tensor(array: np.ndarray, rule: str) -> np.ndarray:
+    """One (per-layer) Flax leaf → its HF tensor: a view where the layout allows."""
+    return _to_hf(array, rule)

@@ -310,3 +310,36 @@ def from_hf_config(source: str | os.PathLike | dict) -> LlavaNextConfig:
         image_token_id=hf.image_token_id,
         projector_bias=bool(getattr(hf, "multimodal_projector_bias", True)),
     )
+
+
+# --------------------------------------------------------------------------- our config as JSON
+
+
+def config_to_dict(cfg: LlavaNextConfig) -> dict[str, Any]:
+    """A JSON-ready dict of every field (nested vision/text dicts, tuples as lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _as_tuples(value: Any) -> Any:
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected an object, got {type(raw).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}")
+    try:
+        return cls(**{k: _as_tuples(v) for k, v in raw.items()})
+    except TypeError as err:  # a required field is missing
+        raise ValueError(f"{where}: {err}") from err
+
+
+def config_from_dict(raw: dict[str, Any]) -> LlavaNextConfig:
+    """Inverse of config_to_dict; unknown or missing required fields raise ValueError."""
+    raw = dict(raw)
+    vision = _build(VisionConfig, raw.pop("vision", None), "vision")
+    text = _build(TextConfig, raw.pop("text", None), "text")
+    return _build(LlavaNextConfig, {**raw, "vision": vision, "text": text}, "config")

@@ -1,0 +1,5 @@
+import sys
+
+from instit_jax.convert.cli import main
+
+sys.exit(main())
