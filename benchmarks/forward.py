@@ -1,24 +1,32 @@
 """Forward-pass benchmark: our jitted Flax LLaVA-NeXT vs transformers' PyTorch model (CPU, fp32).
 
     python benchmarks/forward.py [--runs 5] [--warmup 1] [--batch 4] [--breakdown]
+    python benchmarks/forward.py --attention blocks --ynn off   # measure proposed changes
 
 Model ("small but non-trivial", built from the vicuna_7b preset with dataclasses.replace):
   vision  CLIP-like, 336 px tiles, patch 14 (576 patches + CLS), 4 layers (3 computed: feature
           layer -2), hidden 256, 4 heads x 64, MLP 1024, quick-GELU
   text    Llama, 4 layers, hidden 512, 8 heads x 64 (MHA), MLP 1376, vocab 32000 (real Vicuna size;
-          the LM head is ~1/3 of the FLOPs, see the printed split; --vocab to change)
+          the LM head is ~37% of the FLOPs, see the printed split; --vocab to change)
   data    per sample one 1000x800 image (Vicuna pinpoints -> 672x672 canvas: base + 4 tiles = 5 views,
-          2438 visual tokens) + 128 text tokens; batch 4; fp32 everywhere.
+          2438 visual tokens) + 128 text tokens -> 2566 tokens; batch 4; fp32 everywhere.
 
 Ours: jax.jit of nnx.merge(graphdef, state)(...) on the assembled batch (sequence padded to a multiple
-of --seq-bucket, views to a multiple of --view-bucket). Baseline: the same transformers model with the
-same weights under torch.inference_mode(), HF processor convention (image token repeated), sdpa (and
-eager unless --no-eager). The script checks once that both logits agree, then reports medians.
+of --seq-bucket -> 2816, views to a multiple of --view-bucket -> 20). Baseline: the same transformers
+model with the same weights under torch.inference_mode(), HF processor convention (image token
+repeated), sdpa (and eager unless --no-eager), torch threads = core count. The script checks once that
+both logits agree, then times the two sides alternately (run i of ours, run i of HF, ...) so that load
+from other processes on a shared machine hits both alike; medians are reported, with process
+CPU time / wall time as a check that both cores were busy.
 
+Roofline: one --gemm-n cubed fp32 matmul in jax (jit), numpy and torch; the best median FLOP/s.
 FLOPs are analytic matmul FLOPs (2 per multiply-add) of what each side actually runs: ours runs the
 padded views/sequence and only the computed vision layers; HF runs every vision layer on the real
-views and the unpadded sequence. Attention counts the full score matrix (no causal skipping).
-The last line printed is one JSON object.
+views and the unpadded sequence. Attention counts the full score matrix (no causal skipping), so
+implementations that skip the upper triangle (torch sdpa, --attention blocks/flash) score > their
+real FLOP rate. --attention / --ynn patch in local variants of the model's attention and an XLA flag
+to measure proposed changes; the model files are not modified. The last line printed is one JSON
+object.
 """
 
 from __future__ import annotations
@@ -146,6 +154,116 @@ def flops_breakdown(cfg, *, views: int, vision_layers: int, batch: int, seq_len:
     return out
 
 
+# --------------------------------------------------------------------------- attention variants
+#
+# Local copies of instit_jax.models.layers.attention, patched in with --attention to measure what a
+# change to the model code would gain (the model files themselves are not edited here).
+
+
+def attention_bhtd(q_bthd, k_bskd, v_bskd, bias_bts, *, scale, dtype):
+    """Same math as layers.attention, but heads are moved in front of time *before* the products.
+
+    The model's version contracts 5-D (b,t,k,r,d) operands; XLA:CPU then forms the scores as
+    (b,k,s,t) and inserts two full transposes of the (B,H,T,T) score matrix per layer. With the
+    (b,k,r·t,d) layout the two batched matmuls, scale, bias and softmax become one YNNPACK fusion.
+    GQA: the r query heads that share a KV head are folded into the query-length axis.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    b, t, h, d = q_bthd.shape
+    kh, s = k_bskd.shape[2], k_bskd.shape[1]
+    r = h // kh
+    q = q_bthd.reshape(b, t, kh, r, d).transpose(0, 2, 3, 1, 4).reshape(b, kh, r * t, d)
+    k, v = k_bskd.transpose(0, 2, 1, 3), v_bskd.transpose(0, 2, 1, 3)
+    scores = (jnp.einsum("bkqd,bksd->bkqs", q, k) * jnp.asarray(scale, dtype)).astype(jnp.float32)
+    if bias_bts is not None:
+        scores = (scores.reshape(b, kh, r, t, s) + bias_bts[:, None, None]).reshape(b, kh, r * t, s)
+    p = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    o = jnp.einsum("bkqs,bksd->bkqd", p, v)
+    return o.reshape(b, kh, r, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def attention_causal_blocks(q_bthd, k_bskd, v_bskd, bias_bts, *, scale, dtype, block=256):
+    """attention_bhtd over query blocks; block [i0, i1) only reads keys [0, i1).
+
+    Valid only for a causal bias over a full sequence (query i never sees key j > i), i.e. the
+    decoder's training/scoring path (segment_causal_bias), not the KV-cache path. Skips the upper
+    triangle: ~half the attention FLOPs, and per-block score tiles instead of one (B,H,T,T) buffer.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    b, t, h, d = q_bthd.shape
+    kh, s = k_bskd.shape[2], k_bskd.shape[1]
+    if s != t or bias_bts is None:
+        return attention_bhtd(q_bthd, k_bskd, v_bskd, bias_bts, scale=scale, dtype=dtype)
+    r = h // kh
+    q = q_bthd.reshape(b, t, kh, r, d).transpose(0, 2, 3, 1, 4)  # b k r t d
+    k, v = k_bskd.transpose(0, 2, 1, 3), v_bskd.transpose(0, 2, 1, 3)
+    outs = []
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        n = end - start
+        qb = q[:, :, :, start:end].reshape(b, kh, r * n, d)
+        sc = (jnp.einsum("bkqd,bksd->bkqs", qb, k[:, :, :end]) * jnp.asarray(scale, dtype)).astype(jnp.float32)
+        sc = (sc.reshape(b, kh, r, n, end) + bias_bts[:, None, None, start:end, :end]).reshape(b, kh, r * n, end)
+        p = jax.nn.softmax(sc, axis=-1).astype(dtype)
+        outs.append(jnp.einsum("bkqs,bksd->bkqd", p, v[:, :, :end]).reshape(b, kh, r, n, d))
+    o = jnp.concatenate(outs, axis=3)
+    return o.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def attention_causal_flash(q_bthd, k_bskd, v_bskd, bias_bts, *, scale, dtype, block=256):
+    """Causal flash-style attention: query block i runs an online softmax over key blocks j <= i.
+
+    Same validity condition as attention_causal_blocks. Score tiles are (B, K, r·block, block), so
+    they stay in cache and the upper triangle is skipped; all loops are unrolled at trace time
+    (n(n+1)/2 tiles per layer, 66 for T = 2816), inside the layer scan body.
+    """
+    import jax.numpy as jnp
+
+    b, t, h, d = q_bthd.shape
+    kh, s = k_bskd.shape[2], k_bskd.shape[1]
+    if s != t or bias_bts is None:
+        return attention_bhtd(q_bthd, k_bskd, v_bskd, bias_bts, scale=scale, dtype=dtype)
+    r = h // kh
+    q = q_bthd.reshape(b, t, kh, r, d).transpose(0, 2, 3, 1, 4)  # b k r t d
+    k, v = k_bskd.transpose(0, 2, 1, 3), v_bskd.transpose(0, 2, 1, 3)
+    outs = []
+    for q0 in range(0, t, block):
+        q1 = min(q0 + block, t)
+        n = q1 - q0
+        qb = q[:, :, :, q0:q1].reshape(b, kh, r * n, d)
+        m = jnp.full((b, kh, r * n, 1), -jnp.inf, jnp.float32)
+        l = jnp.zeros((b, kh, r * n, 1), jnp.float32)
+        acc = jnp.zeros((b, kh, r * n, d), jnp.float32)
+        for k0 in range(0, q1, block):
+            k1 = min(k0 + block, t)
+            sc = (jnp.einsum("bkqd,bksd->bkqs", qb, k[:, :, k0:k1]) * jnp.asarray(scale, dtype)).astype(jnp.float32)
+            sc = (sc.reshape(b, kh, r, n, k1 - k0) + bias_bts[:, None, None, q0:q1, k0:k1]).reshape(b, kh, r * n, k1 - k0)
+            m_new = jnp.maximum(m, sc.max(axis=-1, keepdims=True))
+            p = jnp.exp(sc - m_new)
+            corr = jnp.exp(m - m_new)
+            l = l * corr + p.sum(axis=-1, keepdims=True)
+            acc = acc * corr + jnp.einsum("bkqs,bksd->bkqd", p.astype(dtype), v[:, :, k0:k1]).astype(jnp.float32)
+            m = m_new
+        outs.append((acc / l).astype(dtype).reshape(b, kh, r, n, d))
+    o = jnp.concatenate(outs, axis=3)
+    return o.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def patch_attention(variant: str) -> None:
+    """Swap the attention function the decoder / vision modules call (process-local)."""
+    if variant == "model":
+        return
+    from instit_jax.models import llm, vision
+
+    decoder = {"bhtd": attention_bhtd, "blocks": attention_causal_blocks, "flash": attention_causal_flash}[variant]
+    llm.attention = decoder
+    vision.attention = attention_bhtd
+
+
 # --------------------------------------------------------------------------- timing helpers
 
 
@@ -160,11 +278,45 @@ def timeit(fn: Callable[[], Any], runs: int, warmup: int) -> list[float]:
     return times
 
 
+def _process_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
+
+
+def _cpu_ratio(wall: list[float], cpu: list[float]) -> float:
+    return statistics.median(c / w for c, w in zip(cpu, wall))
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], runs: int, warmup: int) -> tuple[dict, dict]:
+    """Wall and process-CPU seconds per run of each function, the functions taking turns."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    wall = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            c0, t0 = _process_cpu(), time.perf_counter()
+            fn()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(_process_cpu() - c0)
+    return wall, cpu
+
+
 def fmt_times(ts: list[float]) -> str:
     return f"median {statistics.median(ts):.3f}s (min {min(ts):.3f}, max {max(ts):.3f}, n={len(ts)})"
 
 
 def gemm_roofline(n: int, runs: int) -> dict[str, float]:
+    """FLOP/s of one n×n×n fp32 matmul per framework (2n³ / median time), frameworks taking turns."""
     import jax
     import jax.numpy as jnp
     import torch
@@ -175,15 +327,14 @@ def gemm_roofline(n: int, runs: int) -> dict[str, float]:
     ja, jb = jnp.asarray(a), jnp.asarray(b)
     mm = jax.jit(jnp.matmul)
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    fns = {
+        "jax": lambda: mm(ja, jb).block_until_ready(),
+        "numpy": lambda: a @ b,
+        "torch": lambda: ta @ tb,
+    }
+    wall, _ = interleaved(fns, runs, 2)
     flops = 2.0 * n**3
-    res = {}
-    for name, fn in [
-        ("jax", lambda: mm(ja, jb).block_until_ready()),
-        ("numpy", lambda: a @ b),
-        ("torch", lambda: ta @ tb),
-    ]:
-        res[name] = flops / statistics.median(timeit(fn, runs, 2))
-    return res
+    return {name: flops / statistics.median(ts) for name, ts in wall.items()}
 
 
 # --------------------------------------------------------------------------- breakdown (ours)
@@ -223,8 +374,10 @@ def breakdown(model, batch_j, cfg, runs: int, warmup: int) -> dict[str, float]:
     merge = piece(merge_only)
 
     # Decoder attention core alone (scores, mask, softmax, PV) for all layers, on random q/k/v.
-    from instit_jax.models.layers import attention
+    from instit_jax.models import llm
     from instit_jax.models.llm import segment_causal_bias
+
+    attention = llm.attention  # the patched variant when --attention is given
 
     t = cfg.text
     b, l = batch_j["input_ids"].shape
@@ -264,12 +417,24 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--seq-bucket", type=int, default=256, help="pad the sequence to a multiple of this")
     ap.add_argument("--view-bucket", type=int, default=4, help="pad the number of views to a multiple of this")
-    ap.add_argument("--gemm-n", type=int, default=2048)
+    ap.add_argument("--gemm-n", type=int, default=3072, help="GEMM roofline size (n×n×n)")
+    ap.add_argument("--gemm-runs", type=int, default=9)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--no-eager", action="store_true", help="skip the eager-attention baseline")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--breakdown", action="store_true", help="also time the pieces of our forward")
+    ap.add_argument(
+        "--attention", choices=("model", "bhtd", "blocks", "flash"), default="model",
+        help="model: instit_jax's attention; bhtd / blocks / flash: local variants (attention_bhtd, "
+        "attention_causal_blocks, attention_causal_flash) patched in to measure a proposed change",
+    )
+    ap.add_argument(
+        "--ynn", choices=("default", "off"), default="default",
+        help="off: XLA_FLAGS+=--xla_cpu_experimental_ynn_fusion_type= (dots via Eigen instead of YNNPACK)",
+    )
     args = ap.parse_args()
+    if args.ynn == "off":  # must be set before jax initialises its CPU backend
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=").strip()
 
     import torch
 
@@ -283,9 +448,10 @@ def main() -> None:
     from instit_jax.convert.hf_params import flax_arrays_from_hf, load_into_model
 
     w, h = (int(x) for x in args.image.lower().split("x"))
+    patch_attention(args.attention)
     cfg = bench_config(args.vocab)
     print(f"cores: {os.cpu_count()}  torch threads: {torch.get_num_threads()}  jax: {jax.__version__} {jax.devices()}")
-    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}  attention: {args.attention}")
     v, t = cfg.vision, cfg.text
     print(
         f"vision: {v.kind} {v.image_size}px/{v.patch_size} {v.num_layers} layers ({v.num_computed_layers} computed), "
@@ -323,7 +489,7 @@ def main() -> None:
     t0 = time.perf_counter()
     compiled = forward.lower(state, batch_j).compile()
     print(f"ours: compile {time.perf_counter() - t0:.1f}s")
-    out = np.asarray(compiled(state, batch_j))
+    out = np.asarray(compiled(state, batch_j))  # also the first warm-up call of ours
 
     max_diff = float("nan")
     if not args.no_baseline:
@@ -338,29 +504,35 @@ def main() -> None:
         del ref
     del out
 
-    ours_t = timeit(lambda: compiled(state, batch_j).block_until_ready(), args.runs, args.warmup)
-    print(f"ours (jax jit):      {fmt_times(ours_t)}")
-    ours_s = statistics.median(ours_t)
+    # Ours and the baseline alternate run by run, so that load from other processes on this shared
+    # machine hits both sides alike; process CPU time per run shows how many cores were busy.
+    def ours_run():
+        compiled(state, batch_j).block_until_ready()
 
+    def hf_run():
+        with torch.inference_mode():
+            hf(**hf_inputs)
+
+    sides = {"ours": ours_run} if args.no_baseline else {"ours": ours_run, "hf_sdpa": hf_run}
+    print(f"hf attn_implementation: {hf.config._attn_implementation}; load avg {_loadavg()}")
+    # The parity-check call above already ran each side once: it counts as the first warm-up.
+    wall, cpu = interleaved(sides, args.runs, max(0, args.warmup - 1))
+    ours_s = statistics.median(wall["ours"])
+    print(f"ours (jax jit):        {fmt_times(wall['ours'])}, cpu/wall {_cpu_ratio(wall['ours'], cpu['ours']):.2f}")
     base_s = float("nan")
     eager_s = None
     if not args.no_baseline:
-        def hf_run():
-            with torch.inference_mode():
-                return hf(**hf_inputs).logits
-
-        print(f"hf attn_implementation: {hf.config._attn_implementation}")
-        base_t = timeit(hf_run, args.runs, args.warmup)
-        print(f"baseline (torch sdpa): {fmt_times(base_t)}")
-        base_s = statistics.median(base_t)
+        base_s = statistics.median(wall["hf_sdpa"])
+        print(f"baseline (torch sdpa): {fmt_times(wall['hf_sdpa'])}, cpu/wall {_cpu_ratio(wall['hf_sdpa'], cpu['hf_sdpa']):.2f}")
         if not args.no_eager:
             hf.set_attn_implementation("eager")
-            eager_t = timeit(hf_run, max(3, args.runs // 2), args.warmup)
-            eager_s = statistics.median(eager_t)
-            print(f"baseline (torch eager): {fmt_times(eager_t)}")
+            eager_wall, _ = interleaved({"hf_eager": hf_run}, 3, 0)  # same model, warm already
+            eager_s = statistics.median(eager_wall["hf_eager"])
+            print(f"baseline (torch eager): {fmt_times(eager_wall['hf_eager'])}")
             hf.set_attn_implementation("sdpa")
+    print(f"load avg {_loadavg()}")
 
-    gemm = gemm_roofline(args.gemm_n, max(5, args.runs))
+    gemm = gemm_roofline(args.gemm_n, args.gemm_runs)
     roof = max(gemm.values())
     print("GEMM {0}^3 fp32: ".format(args.gemm_n) + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in gemm.items()) + " GFLOP/s")
 
@@ -376,12 +548,14 @@ def main() -> None:
     print(f"hf:   {hf_flops / base_s / 1e9:.1f} GFLOP/s = {100 * brf:.1f}% of roofline")
     print(f"ratio baseline/ours = {base_s / ours_s:.3f} (>1: ours faster)")
 
+    nan_to_none = lambda x: None if x != x else x  # noqa: E731 (strict JSON has no NaN)
     result = {
-        "ours_s": ours_s, "baseline_s": base_s, "ratio": base_s / ours_s, "roofline_fraction": rf,
-        "baseline_roofline_fraction": brf, "gemm_flops": roof, "model_flops": model_flops,
-        "seq_len": seq_len, "max_abs_logit_diff": max_diff, "baseline_eager_s": eager_s,
+        "ours_s": ours_s, "baseline_s": nan_to_none(base_s), "ratio": nan_to_none(base_s / ours_s),
+        "roofline_fraction": rf, "baseline_roofline_fraction": nan_to_none(brf), "gemm_flops": roof, "model_flops": model_flops,
+        "seq_len": seq_len, "max_abs_logit_diff": nan_to_none(max_diff), "baseline_eager_s": eager_s,
         "baseline_flops": hf_flops, "useful_flops": useful_flops, "useful_roofline_fraction": useful_flops / ours_s / roof,
-        "views_run": run_views, "views_real": real_views, "torch_threads": torch.get_num_threads(),
+        "attention": args.attention, "ynn": args.ynn, "views_run": run_views, "views_real": real_views, "torch_threads": torch.get_num_threads(),
+        "ours_cpu_per_wall": _cpu_ratio(wall["ours"], cpu["ours"]), "load_avg": _loadavg(),
     }
     if args.breakdown:
         parts = breakdown(model, batch_j, cfg, args.runs, args.warmup)
