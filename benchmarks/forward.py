@@ -62,20 +62,6 @@ def bench_config(vocab: int):
     return base.replace(vision=vision, text=text, image_token_id=vocab - 1, dtype="float32", param_dtype="float32")
 
 
-def randomize_(model, seed: int) -> None:
-    """Random weights everywhere (as tests/hf_reference.py does), norm scales near 1."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            else:
-                p.copy_(0.05 * noise if "embed" not in name else 0.5 * noise)
-
-
 def build_inputs(cfg, batch: int, text_tokens: int, image_wh: tuple[int, int], seq_bucket: int, view_bucket: int, seed: int = 0):
     """(our batch dict of NumPy arrays, HF kwargs of torch tensors, real lengths, real views)."""
     import torch
@@ -161,27 +147,10 @@ def flops_breakdown(cfg, *, views: int, vision_layers: int, batch: int, seq_len:
 
 
 def attention_bhtd(q_bthd, k_bskd, v_bskd, bias_bts, *, scale, dtype):
-    """Same math as layers.attention, but heads are moved in front of time *before* the products.
+    """The heads-before-time layout, now the model's own attention (kept as a named variant)."""
+    from instit_jax.models.layers import attention
 
-    The model's version contracts 5-D (b,t,k,r,d) operands; XLA:CPU then forms the scores as
-    (b,k,s,t) and inserts two full transposes of the (B,H,T,T) score matrix per layer. With the
-    (b,k,r·t,d) layout the two batched matmuls, scale, bias and softmax become one YNNPACK fusion.
-    GQA: the r query heads that share a KV head are folded into the query-length axis.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    b, t, h, d = q_bthd.shape
-    kh, s = k_bskd.shape[2], k_bskd.shape[1]
-    r = h // kh
-    q = q_bthd.reshape(b, t, kh, r, d).transpose(0, 2, 3, 1, 4).reshape(b, kh, r * t, d)
-    k, v = k_bskd.transpose(0, 2, 1, 3), v_bskd.transpose(0, 2, 1, 3)
-    scores = (jnp.einsum("bkqd,bksd->bkqs", q, k) * jnp.asarray(scale, dtype)).astype(jnp.float32)
-    if bias_bts is not None:
-        scores = (scores.reshape(b, kh, r, t, s) + bias_bts[:, None, None]).reshape(b, kh, r * t, s)
-    p = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    o = jnp.einsum("bkqs,bksd->bkqd", p, v)
-    return o.reshape(b, kh, r, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+    return attention(q_bthd, k_bskd, v_bskd, bias_bts, scale=scale, dtype=dtype)
 
 
 def attention_causal_blocks(q_bthd, k_bskd, v_bskd, bias_bts, *, scale, dtype, block=256):
@@ -464,6 +433,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     hf = LlavaNextForConditionalGeneration(to_hf_config(cfg)).eval()
+    from instit_jax.testing import randomize_
+
     randomize_(hf, 0)
     model = load_into_model(cfg, flax_arrays_from_hf(hf.state_dict(), cfg))
     batch, hf_inputs, lengths, real_views = build_inputs(
