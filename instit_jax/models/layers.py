@@ -131,14 +131,29 @@ def attention(
     Scores are formed in the activation dtype and scaled after the product (as HF does), the additive
     mask and softmax run in float32, and probabilities are cast back before multiplying V.
     """
-    # Heads go in front of time before the products, with the r query heads that share a KV head
-    # folded into the query axis: XLA:CPU then fuses both matmuls and the softmax instead of
-    # transposing the (B, H, T, S) scores (measured 2.2× per decoder layer, benchmarks/forward.py).
+    # Heads go in front of time before the products: XLA:CPU then fuses both matmuls and the softmax
+    # instead of transposing the (B, H, T, S) scores (2.2× per decoder layer, benchmarks/forward.py).
+    k_bksd, v_bksd = k_bskd.transpose(0, 2, 1, 3), v_bskd.transpose(0, 2, 1, 3)
+    return attention_heads_first(q_bthd, k_bksd, v_bksd, bias_bts, scale=scale, dtype=dtype)
+
+
+def attention_heads_first(
+    q_bthd: jax.Array,
+    k_bksd: jax.Array,
+    v_bksd: jax.Array,
+    bias_bts: jax.Array | None,
+    *,
+    scale: float,
+    dtype: Any,
+) -> jax.Array:
+    """`attention` with keys/values already laid out (B, kv_heads, S, head_dim), as the KV cache is.
+
+    The r query heads that share a KV head are folded into the query axis.
+    """
     b, t, h, d = q_bthd.shape
-    k_heads, s = k_bskd.shape[2], k_bskd.shape[1]
+    k_heads, s = k_bksd.shape[1], k_bksd.shape[2]
     r = h // k_heads
     q_bkqd = q_bthd.reshape(b, t, k_heads, r, d).transpose(0, 2, 3, 1, 4).reshape(b, k_heads, r * t, d)
-    k_bksd, v_bksd = k_bskd.transpose(0, 2, 1, 3), v_bskd.transpose(0, 2, 1, 3)
     s_bkqs = (jnp.einsum("bkqd,bksd->bkqs", q_bkqd, k_bksd) * jnp.asarray(scale, dtype)).astype(jnp.float32)
     if bias_bts is not None:
         s_bkqs = (s_bkqs.reshape(b, k_heads, r, t, s) + bias_bts[:, None, None]).reshape(b, k_heads, r * t, s)

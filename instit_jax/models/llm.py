@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from instit_jax.models.config import TextConfig
-from instit_jax.models.layers import param, LayerStack, Linear, RMSNorm, attention, mask_to_bias
+from instit_jax.models.layers import param, LayerStack, Linear, RMSNorm, attention, attention_heads_first, mask_to_bias
 
 
 def rope_inv_freq(cfg: TextConfig) -> np.ndarray:
@@ -41,14 +41,17 @@ def apply_rope(x_bthd: jax.Array, cos_btd: jax.Array, sin_btd: jax.Array) -> jax
 
 
 class KVCache(NamedTuple):
-    """Keys (after RoPE) and values of every layer: (layers, B, T, kv_heads, head_dim) each."""
+    """Keys (after RoPE) and values of every layer: (layers, B, kv_heads, T, head_dim) each.
+
+    Heads before time, as attention consumes them, so a decode step reads the cache without copies.
+    """
 
     k: jax.Array
     v: jax.Array
 
     @classmethod
     def zeros(cls, cfg: TextConfig, batch: int, length: int, dtype: Any) -> "KVCache":
-        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
@@ -78,16 +81,19 @@ class DecoderAttention(nnx.Module):
         q = apply_rope(self.q_proj(x_btd), cos, sin)
         k = apply_rope(self.k_proj(x_btd), cos, sin)
         v = self.v_proj(x_btd)
-        if cache is not None:
-            # Write this step's keys/values at [layer, :, cache_index:], attend over the whole buffer.
-            at = (layer_index, 0, cache_index, 0, 0)
-            cache = KVCache(
-                jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at),
-                jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at),
-            )
-            k = jax.lax.dynamic_index_in_dim(cache.k, layer_index, 0, keepdims=False).astype(self.dtype)
-            v = jax.lax.dynamic_index_in_dim(cache.v, layer_index, 0, keepdims=False).astype(self.dtype)
-        return self.o_proj(attention(q, k, v, bias_bts, scale=self.scale, dtype=self.dtype)), cache
+        if cache is None:
+            return self.o_proj(attention(q, k, v, bias_bts, scale=self.scale, dtype=self.dtype)), None
+        # Write this step's keys/values at [layer, :, :, cache_index:], attend over the whole buffer.
+        at = (layer_index, 0, 0, cache_index, 0)
+        k_new, v_new = k.transpose(0, 2, 1, 3)[None], v.transpose(0, 2, 1, 3)[None]
+        cache = KVCache(
+            jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), at),
+            jax.lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), at),
+        )
+        k_bksd = jax.lax.dynamic_index_in_dim(cache.k, layer_index, 0, keepdims=False).astype(self.dtype)
+        v_bksd = jax.lax.dynamic_index_in_dim(cache.v, layer_index, 0, keepdims=False).astype(self.dtype)
+        out = attention_heads_first(q, k_bksd, v_bksd, bias_bts, scale=self.scale, dtype=self.dtype)
+        return self.o_proj(out), cache
 
 
 class DecoderMLP(nnx.Module):
