@@ -94,7 +94,7 @@ def _entries(cfg: LlavaNextConfig) -> list[tuple[tuple[str, ...], str, str]]:
     return e
 
 
-def _to_flax(array: np.ndarray, rule: str, shape: tuple[int, ...], key: str) -> np.ndarray:
+def to_flax_tensor(array: np.ndarray, rule: str, shape: tuple[int, ...], key: str) -> np.ndarray:
     if rule in ("linear", "linear_o"):
         if array.ndim != 2:
             raise ValueError(f"{key}: expected a 2-D linear weight, got shape {array.shape}")
@@ -106,7 +106,7 @@ def _to_flax(array: np.ndarray, rule: str, shape: tuple[int, ...], key: str) -> 
     return array.reshape(shape)
 
 
-def _to_hf(array: np.ndarray, rule: str) -> np.ndarray:
+def to_hf_tensor(array: np.ndarray, rule: str) -> np.ndarray:
     if rule == "linear":  # (in, out...) → (out_total, in)
         return array.reshape(array.shape[0], -1).T
     if rule == "linear_o":  # (in..., out) → (out, in_total)
@@ -136,43 +136,19 @@ def flax_arrays_from_hf(
         if IGNORED_KEYS.search(key):
             continue
         hub[to_hub_key(key)] = value
-    _, state = abstract_model(cfg)
-    shapes = {path: var.shape for path, var in nnx.to_flat_state(state)}
     out: dict[tuple[str, ...], np.ndarray] = {}
     used, missing = set(), []
-    for path, fmt, rule in _entries(cfg):
-        shape = shapes[path]
-        if "{i}" in fmt:
-            keys = [fmt.format(i=i) for i in range(_num_layers(cfg, path))]
-            if any(k not in hub for k in keys):
-                missing += [k for k in keys if k not in hub]
-                continue
-            out[path] = np.stack([_to_flax(_numpy(hub[k]), rule, shape[1:], k) for k in keys])
-            used.update(keys)
-        elif fmt not in hub:
-            missing.append(fmt)
-        else:
-            out[path] = _to_flax(_numpy(hub[fmt]), rule, shape, fmt)
-            used.add(fmt)
+    for e in param_entries(cfg):
+        absent = [k for k in e.hub_keys if k not in hub]
+        if absent:
+            missing += absent
+            continue
+        arrays = [to_flax_tensor(_numpy(hub[k]), e.rule, e.layer_shape, k) for k in e.hub_keys]
+        out[e.path] = np.stack(arrays) if e.stacked else arrays[0]
+        used.update(e.hub_keys)
     unexpected = sorted(k for k in hub if k not in used and not any(re.search(p, k) for p in allow_unused))
     if missing or unexpected:
         raise KeyMismatchError(f"checkpoint does not match the config: missing {missing}, unexpected {unexpected}")
-    unmapped = set(shapes) - set(out)
-    if unmapped:  # a table bug, not a user error
-        raise AssertionError(f"parameters with no checkpoint entry: {sorted(unmapped)}")
-    return out
-
-
-def hf_tensors_from_flax(params: Mapping[tuple[str, ...], np.ndarray], cfg: LlavaNextConfig) -> dict[str, np.ndarray]:
-    """{Flax path: array} → HF hub-layout (A) tensors as NumPy arrays."""
-    out = {}
-    for path, fmt, rule in _entries(cfg):
-        array = np.asarray(params[path])
-        if "{i}" in fmt:
-            for i in range(array.shape[0]):
-                out[fmt.format(i=i)] = _to_hf(array[i], rule)
-        else:
-            out[fmt] = _to_hf(array, rule)
     return out
 
 
@@ -202,7 +178,7 @@ def load_into_model(cfg: LlavaNextConfig, arrays: Mapping[tuple[str, ...], np.nd
 
 
 def hf_shape(rule: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The HF tensor shape of one (unstacked) Flax leaf of `flax_shape` under `rule` (see _to_hf)."""
+    """The HF tensor shape of one (unstacked) Flax leaf of `flax_shape` under `rule` (see to_hf_tensor)."""
     s = tuple(int(d) for d in flax_shape)
     if rule == "linear":
         return (int(np.prod(s[1:])), s[0])
@@ -254,13 +230,3 @@ def param_entries(cfg: LlavaNextConfig) -> list[ParamEntry]:
         if e.stacked and e.shape[0] != _num_layers(cfg, e.path):
             raise AssertionError(f"{e.path}: stacked over {e.shape[0]} layers, config has {_num_layers(cfg, e.path)}")
     return entries
-
-
-def to_flax_tensor(array: np.ndarray, rule: str, shape: tuple[int, ...], key: str) -> np.ndarray:
-    """One HF tensor → its Flax (per-layer) leaf of `shape`: a view where the layout allows."""
-    return _to_flax(array, rule, shape, key)
-
-
-def to_hf_tensor(array: np.ndarray, rule: str) -> np.ndarray:
-    """One (per-layer) Flax leaf → its HF tensor: a view where the layout allows."""
-    return _to_hf(array, rule)
