@@ -131,3 +131,44 @@ def test_bad_images_fail_with_the_sample_name():
     for mode in ("RGBA", "L", "CMYK"):
         pixels, plan = preprocess_image(Image.new(mode, (70, 40)), spec, sample=mode)
         assert pixels.shape == (plan.num_views, cfg.vision.image_size, cfg.vision.image_size, 3)
+
+
+def _per_row(batch, layout, views_per_row: list[int], vr: int):
+    """The global batch re-expressed in per-row form: row b's views and indices into its own table."""
+    v, p, q = batch["pixels"].shape[0], layout.tokens_per_view, layout.pooled_tokens_per_view
+    s = batch["pixels"].shape[1]
+    pixels = np.zeros((len(views_per_row), vr, s, s, 3), np.float32)
+    index = np.full_like(batch["visual_index"], -1)
+    start = 0
+    for b, n in enumerate(views_per_row):
+        pixels[b, :n] = batch["pixels"][start : start + n]
+        g = batch["visual_index"][b]
+        full = (g >= 0) & (g < v * p)
+        pooled = (g >= v * p) & (g < v * (p + q))
+        index[b] = np.where(full, g - start * p, index[b])
+        index[b] = np.where(pooled, vr * p + (g - v * p - start * q), index[b])
+        index[b] = np.where(g == v * (p + q), vr * (p + q), index[b])
+        start += n
+    return pixels, index
+
+
+@pytest.mark.parametrize("preset", ["tiny_vicuna", "tiny_qwen2"])
+def test_per_row_pixels_equal_the_batch_wide_table(preset):
+    """(B, Vr, S, S, 3) pixels with row-local indices give the same logits as the global (V, ...) form."""
+    cfg, _, ours = tiny_pair(preset)
+    frames = random_frames(cfg, seed=2)[:3]
+    pixels, plan = preprocess_image(random_image(150, 70, 3), spec_for(cfg))
+    ids = np.array([1, 5, PLACEHOLDER_ID, 6, 7], np.int32)
+    samples = [
+        Sample("image", ids, None, (image_input(pixels, plan),)),
+        Sample("video", ids, None, (video_input(frames, cfg.pooled_tokens_per_frame, max_frames=32),)),
+    ]
+    layout = layout_for(cfg)
+    batch = assemble_batch(samples, layout)
+    vr = max(plan.num_views, 3) + 1  # a padded view slot per row, never pointed at
+    row_pixels, row_index = _per_row(batch, layout, [plan.num_views, 3], vr)
+    assert (row_index[batch["visual_index"] >= 0] >= 0).all()
+    names = ("input_ids", "pixels", "visual_index", "positions", "segment_ids")
+    expected = ours(*(jnp.asarray(batch[k]) for k in names))
+    got = ours(*(jnp.asarray(x) for x in (batch["input_ids"], row_pixels, row_index, batch["positions"], batch["segment_ids"])))
+    assert float(jnp.max(jnp.abs(expected - got))) < 1e-5

@@ -105,22 +105,42 @@ class LlavaNext(nnx.Module):
         newline = self.image_newline[...].astype(self.dtype)[None]
         return jnp.concatenate([projected_vpd.reshape(-1, d), pooled_vqd.reshape(-1, d), newline], axis=0)
 
+    def row_visual_tables(self, pixels_bvhwc: jax.Array) -> jax.Array:
+        """Per-row tables (B, Vr·P + Vr·Q + 1, D): each row points only at its own views.
+
+        The views of all rows run through the tower as one stack; the tables stay split by row so a
+        batch sharded over data-parallel devices never gathers another device's visual rows.
+        """
+        b, vr = pixels_bvhwc.shape[:2]
+        projected_vpd = self.project(self.image_features(pixels_bvhwc.reshape(b * vr, *pixels_bvhwc.shape[2:])))
+        d = projected_vpd.shape[-1]
+        pooled_vqd = self.pool_frames(projected_vpd)
+        newline = jnp.broadcast_to(self.image_newline[...].astype(self.dtype), (b, 1, d))
+        return jnp.concatenate([projected_vpd.reshape(b, -1, d), pooled_vqd.reshape(b, -1, d), newline], axis=1)
+
     # ------------------------------------------------------------------ merge and run
 
-    def embed_inputs(self, input_ids_bt: jax.Array, pixels_vhwc: jax.Array, visual_index_bt: jax.Array) -> jax.Array:
-        """Text embeddings with visual rows placed where visual_index ≥ 0."""
+    def embed_inputs(self, input_ids_bt: jax.Array, pixels: jax.Array, visual_index_bt: jax.Array) -> jax.Array:
+        """Text embeddings with visual rows placed where visual_index ≥ 0.
+
+        pixels: (V, S, S, 3) with visual_index into one batch-wide table, or (B, Vr, S, S, 3) with
+        visual_index[b] into row b's own table.
+        """
         text_btd = self.language_model.embed(jnp.where(visual_index_bt >= 0, 0, input_ids_bt))
-        table = self.visual_table(pixels_vhwc)
-        visual_btd = jnp.take(table, jnp.maximum(visual_index_bt, 0), axis=0)
+        rows_bt = jnp.maximum(visual_index_bt, 0)
+        if pixels.ndim == 5:
+            visual_btd = jnp.take_along_axis(self.row_visual_tables(pixels), rows_bt[..., None], axis=1)
+        else:
+            visual_btd = jnp.take(self.visual_table(pixels), rows_bt, axis=0)
         return jnp.where((visual_index_bt >= 0)[..., None], visual_btd, text_btd)
 
     def __call__(
         self,
         input_ids_bt: jax.Array,
-        pixels_vhwc: jax.Array,
+        pixels: jax.Array,
         visual_index_bt: jax.Array,
         positions_bt: jax.Array,
         segment_ids_bt: jax.Array,
     ) -> jax.Array:
-        x_btd = self.embed_inputs(input_ids_bt, pixels_vhwc, visual_index_bt)
+        x_btd = self.embed_inputs(input_ids_bt, pixels, visual_index_bt)
         return self.language_model(x_btd, positions_bt, segment_ids_bt)
