@@ -162,6 +162,40 @@ def attention_heads_first(
     return o_bkqd.reshape(b, k_heads, r, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
+CAUSAL_BLOCK = 256
+
+
+def causal_attention(
+    q_bthd: jax.Array,
+    k_bskd: jax.Array,
+    v_bskd: jax.Array,
+    bias_bts: jax.Array,
+    *,
+    scale: float,
+    dtype: Any,
+    block: int = CAUSAL_BLOCK,
+) -> jax.Array:
+    """`attention` for a bias that is causal over the full sequence (query i never sees key j > i).
+
+    Query block [i0, i1) only reads keys [0, i1): the upper triangle's products and softmax work are
+    skipped (about half the attention FLOPs at long lengths) and each score tile is a block of rows
+    instead of one (B, H, T, T) buffer. The result equals `attention` because every skipped score
+    would have been masked to the most negative float. Blocks are unrolled at trace time (static).
+    """
+    b, t, h, d = q_bthd.shape
+    if k_bskd.shape[1] != t or t <= block:
+        return attention(q_bthd, k_bskd, v_bskd, bias_bts, scale=scale, dtype=dtype)
+    k_bksd, v_bksd = k_bskd.transpose(0, 2, 1, 3), v_bskd.transpose(0, 2, 1, 3)
+    outs = []
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        outs.append(attention_heads_first(
+            q_bthd[:, start:end], k_bksd[:, :, :end], v_bksd[:, :, :end], bias_bts[:, start:end, :end],
+            scale=scale, dtype=dtype,
+        ))
+    return jnp.concatenate(outs, axis=1)
+
+
 def mask_to_bias(allowed: jax.Array) -> jax.Array:
     """Boolean mask → additive float32 bias; the most negative finite value keeps padded rows NaN-free."""
     return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)

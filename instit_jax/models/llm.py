@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from instit_jax.models.config import TextConfig
-from instit_jax.models.layers import param, LayerStack, Linear, RMSNorm, attention, attention_heads_first, mask_to_bias
+from instit_jax.models.layers import param, LayerStack, Linear, RMSNorm, attention_heads_first, causal_attention, mask_to_bias
 
 
 def rope_inv_freq(cfg: TextConfig) -> np.ndarray:
@@ -82,7 +82,8 @@ class DecoderAttention(nnx.Module):
         k = apply_rope(self.k_proj(x_btd), cos, sin)
         v = self.v_proj(x_btd)
         if cache is None:
-            return self.o_proj(attention(q, k, v, bias_bts, scale=self.scale, dtype=self.dtype)), None
+            # Full sequence: the bias is segment-causal, so the upper triangle can be skipped.
+            return self.o_proj(causal_attention(q, k, v, bias_bts, scale=self.scale, dtype=self.dtype)), None
         # Write this step's keys/values at [layer, :, :, cache_index:], attend over the whole buffer.
         at = (layer_index, 0, 0, cache_index, 0)
         k_new, v_new = k.transpose(0, 2, 1, 3)[None], v.transpose(0, 2, 1, 3)[None]
