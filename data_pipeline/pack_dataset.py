@@ -1,0 +1,137 @@
+"""Grain IterDataset that packs prepared samples into rows, window by window, with exact resume.
+
+The packer reads ``window`` elements (``prepare.Prepared``), assigns the usable ones to rows with
+``packing.assign_rows`` (best-fit decreasing, or one per row), builds the rows and emits them in
+order. Everything about a window is a pure function of its elements, so the iterator state is
+small and exact:
+
+    {"parent": parent state when the window began, "emitted": rows already returned from it,
+     "carry": counters of earlier windows that produced no row}
+
+``set_state`` restores the parent, rebuilds the window (re-reading and re-preparing its elements)
+and skips the rows already emitted; the next rows are then exactly those an uninterrupted run gives.
+
+Every row carries ``stats/...`` counters (scalars): ``stats/samples`` and ``stats/samples/<source>``
+(segments in the row), ``stats/truncated`` and ``stats/skipped_<reason>``. Skip counts of a window
+ride on its first row; a window with no row passes them on ("carry"); at the end of the data a
+leftover count is emitted on an all-padding row, so no count is ever lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+
+from data_pipeline.packing import RowLayout, assign_rows, build_row, empty_row, expanded_length, sample_views
+from data_pipeline.prepare import SKIP_REASONS, Prepared
+
+
+def stat_keys(source_names: Sequence[str]) -> tuple[str, ...]:
+    """The fixed set of counters every row and batch carries."""
+    return (
+        "stats/samples",
+        *(f"stats/samples/{n}" for n in source_names),
+        "stats/truncated",
+        *(f"stats/skipped_{r}" for r in SKIP_REASONS),
+    )
+
+
+class PackedRowsIterDataset(grain.IterDataset):
+    """Rows of ``layout`` shape from an IterDataset of ``Prepared`` elements."""
+
+    def __init__(self, parent: grain.IterDataset, layout: RowLayout, *, window: int, pack: bool,
+                 source_names: Sequence[str]):
+        super().__init__(parent)
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self._layout = layout
+        self._window = window
+        self._pack = pack
+        self._keys = stat_keys(source_names)
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _PackedRowsIterator(self._parent.__iter__(), self._layout, window=self._window, pack=self._pack,
+                                   keys=self._keys)
+
+    def __str__(self) -> str:
+        return f"PackedRowsIterDataset(seq_len={self._layout.seq_len}, max_views={self._layout.max_views}, " \
+               f"window={self._window}, pack={self._pack})"
+
+
+class _PackedRowsIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, layout: RowLayout, *, window: int, pack: bool,
+                 keys: tuple[str, ...]):
+        super().__init__(parent)
+        self._layout = layout
+        self._window = window
+        self._pack = pack
+        self._keys = keys
+        self._window_start = self._parent.get_state()
+        self._carry_in = self._zeros()
+        self._carry_out = self._zeros()
+        self._rows: list[dict[str, Any]] = []
+        self._emitted = 0
+        self._exhausted = False
+
+    def _zeros(self) -> dict[str, int]:
+        return dict.fromkeys(self._keys, 0)
+
+    def __next__(self) -> dict[str, Any]:
+        while self._emitted >= len(self._rows):
+            if self._exhausted:
+                raise StopIteration
+            self._window_start = self._parent.get_state()
+            self._carry_in = self._carry_out
+            self._fill_window()
+        row = self._rows[self._emitted]
+        self._emitted += 1
+        return row
+
+    def _fill_window(self) -> None:
+        """Read one window from the parent and build its rows (uses ``self._carry_in``)."""
+        counts = dict(self._carry_in)
+        samples, sources = [], []
+        for _ in range(self._window):
+            try:
+                prepared: Prepared = next(self._parent)
+            except StopIteration:
+                self._exhausted = True
+                break
+            counts["stats/truncated"] += int(prepared.truncated)
+            if prepared.sample is None:
+                counts[f"stats/skipped_{prepared.skip}"] += 1
+            else:
+                samples.append(prepared.sample)
+                sources.append(prepared.source)
+        members = assign_rows(
+            [expanded_length(s) for s in samples], [sample_views(s) for s in samples],
+            seq_len=self._layout.seq_len, max_views=self._layout.max_views, pack=self._pack,
+        )
+        rows = []
+        for r, idx in enumerate(members):
+            row = build_row([samples[i] for i in idx], self._layout)
+            row.update(counts if r == 0 else self._zeros())
+            row["stats/samples"] += len(idx)
+            for i in idx:
+                row[f"stats/samples/{sources[i]}"] += 1
+            rows.append(row)
+        self._carry_out = self._zeros()
+        if not rows:
+            if self._exhausted and any(counts.values()):
+                rows = [{**empty_row(self._layout), **counts}]
+            else:
+                self._carry_out = counts
+        self._rows, self._emitted = rows, 0
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._window_start, "emitted": self._emitted, "carry": dict(self._carry_in)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._window_start = state["parent"]
+        self._carry_in = {**self._zeros(), **state["carry"]}
+        self._exhausted = False
+        self._fill_window()
+        self._emitted = int(state["emitted"])
