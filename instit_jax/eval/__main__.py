@@ -1,0 +1,3 @@
+from instit_jax.eval.cli import main
+
+main()
