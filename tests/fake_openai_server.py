@@ -29,9 +29,25 @@ def _texts(content) -> str:
     return "\n".join(p.get("text", "") for p in content if p.get("type") == "text")
 
 
+def judge_answer(body: dict, fault: str | None = None) -> dict:
+    """Inst-IT Bench judge (SampleScore): 1.0 for an answer equal to the ground truth, 0.5 if it shares
+    an [ID] with it, else 0.0; fault "bad_score" answers an out-of-range 1.5."""
+    user = next(m for m in body["messages"] if m["role"] == "user")
+    item = json.loads(user["content"][-1]["text"])  # the second text part: the item as JSON
+    truth, response = item["ground_truth_answer"].strip(), item["tester_response"].strip()
+    if fault == "bad_score":
+        return {"sample_score": 1.5}
+    if response == truth:
+        return {"sample_score": 1.0}
+    shared = set(re.findall(r"\[\d+\]", truth)) & set(re.findall(r"\[\d+\]", response))
+    return {"sample_score": 0.5 if shared else 0.0}
+
+
 def answer_for(body: dict, fault: str | None = None) -> dict:
     """Deterministic structured answer for a chat body (depends only on the first user message)."""
     name = body["response_format"]["json_schema"]["name"]
+    if name == "SampleScore":
+        return judge_answer(body, fault)
     user = next(m for m in body["messages"] if m["role"] == "user")
     text = _texts(user["content"])
     ids = [int(x) for x in re.findall(r"\[(\d+)\]", text.split("\n")[0])]
@@ -68,6 +84,7 @@ class FakeOpenAI:
         self.hits = 0                      # chat-completion requests received
         self.path_hits: dict[str, int] = {}
         self.log: list[tuple[str, str]] = []   # (request hash, outcome) per chat hit
+        self.bodies: list[dict] = []             # chat request bodies, in arrival order
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, dict] = {}
         self.batch_line_faults: dict[int, str] = {}
@@ -164,6 +181,7 @@ class FakeOpenAI:
             self.hits += 1
             fault = self.faults.popleft() if self.faults else None
             self.log.append((rhash, fault or "ok"))
+            self.bodies.append(body)
         if fault == "429":
             return h._send(429, {"error": {"message": "rate limited", "type": "requests", "code": None}},
                            headers={"Retry-After": "0.05"})
