@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as futures
 import dataclasses
-import glob
 import hashlib
 import json
 import multiprocessing
@@ -43,6 +42,7 @@ from instit_jax.processing.errors import SampleError
 
 STATE_DIR = ".build"
 ROOT_SEPARATOR = "::"
+SHARD_FILE = re.compile(r".+-\d{5}-of-\d{5}\.tfrecord(\.idx)?(\.tmp)?")
 
 
 def shard_name(name: str, shard: int, num_shards: int) -> str:
@@ -180,7 +180,8 @@ def _fingerprint(inputs, hashes, num_shards, name, seed, max_frames, templates) 
 
 def _clear_previous(out: str, fingerprint: str, overwrite: bool) -> None:
     """Refuse (or with ``overwrite`` delete) a different build living in ``out``."""
-    states = glob.glob(os.path.join(out, STATE_DIR, "*.json"))
+    state_dir = os.path.join(out, STATE_DIR)
+    states = [os.path.join(state_dir, f) for f in os.listdir(state_dir) if f.endswith(".json")] if os.path.isdir(state_dir) else []
     manifest_path = os.path.join(out, MANIFEST)
     prints = set()
     for p in states + ([manifest_path] if os.path.exists(manifest_path) else []):
@@ -194,8 +195,10 @@ def _clear_previous(out: str, fingerprint: str, overwrite: bool) -> None:
     if not overwrite:
         raise FileExistsError(f"{out} holds a different build (other inputs or options); "
                               "use a new output directory or overwrite=True (--overwrite)")
-    for p in glob.glob(os.path.join(out, "*.tfrecord")) + glob.glob(os.path.join(out, "*.tfrecord.idx")):
-        os.remove(p)
+    # Only files this builder names: <name>-NNNNN-of-NNNNN.tfrecord, its .idx and their temporaries.
+    for p in os.listdir(out):
+        if SHARD_FILE.fullmatch(p):
+            os.remove(os.path.join(out, p))
     shutil.rmtree(os.path.join(out, STATE_DIR), ignore_errors=True)
     if os.path.exists(manifest_path):
         os.remove(manifest_path)
@@ -236,8 +239,9 @@ def build_dataset(
 
     items = read_items(inputs, templates=templates, seed=seed, max_frames=max_frames)
     fingerprint = _fingerprint(inputs, hashes, num_shards, name, seed, max_frames, templates)
-    os.makedirs(os.path.join(out, STATE_DIR), exist_ok=True)
+    os.makedirs(out, exist_ok=True)
     _clear_previous(out, fingerprint, overwrite)
+    os.makedirs(os.path.join(out, STATE_DIR), exist_ok=True)
 
     roots = tuple(s.media_root for s in inputs)
     files = [shard_name(name, s, num_shards) for s in range(num_shards)]
