@@ -83,8 +83,12 @@ class BatchLayout:
         raise SampleError(sample, f"{what} {value} exceeds the largest bucket {max(buckets)}")
 
 
-def _expand(sample: Sample, layout: BatchLayout, view_offset: int, num_views: int) -> tuple[np.ndarray, ...]:
-    """ids, labels and global visual indices of one sample, placeholders expanded."""
+def expand_sample(sample: Sample, layout: BatchLayout, view_offset: int, num_views: int) -> tuple[np.ndarray, ...]:
+    """ids, labels and visual-table indices of one sample, placeholders expanded.
+
+    The table is the one of ``num_views`` views (see the module docstring); this sample's views sit at
+    ``view_offset`` onward. Used for the batch-global table here and for per-row tables by the loader.
+    """
     ids = np.asarray(sample.ids, dtype=np.int32)
     labels = np.full_like(ids, IGNORE_INDEX) if sample.labels is None else np.asarray(sample.labels, np.int32)
     if labels.shape != ids.shape:
@@ -142,7 +146,7 @@ def assemble_batch(
         for visual in sample.visuals:
             if visual.pixels.shape[1:] != (s, s, 3):
                 raise SampleError(sample.name, f"views of shape {visual.pixels.shape[1:]}, expected {(s, s, 3)}")
-        rows.append(_expand(sample, layout, offset, num_views))
+        rows.append(expand_sample(sample, layout, offset, num_views))
         for visual in sample.visuals:
             pixels[offset : offset + visual.num_views] = visual.pixels
             offset += visual.num_views
