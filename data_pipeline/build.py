@@ -181,7 +181,8 @@ def _fingerprint(inputs, hashes, num_shards, name, seed, max_frames, templates) 
 def _clear_previous(out: str, fingerprint: str, overwrite: bool) -> None:
     """Refuse (or with ``overwrite`` delete) a different build living in ``out``."""
     state_dir = os.path.join(out, STATE_DIR)
-    states = [os.path.join(state_dir, f) for f in os.listdir(state_dir) if f.endswith(".json")] if os.path.isdir(state_dir) else []
+    names = os.listdir(state_dir) if os.path.isdir(state_dir) else []
+    states = [os.path.join(state_dir, f) for f in names if f.endswith(".json")]
     manifest_path = os.path.join(out, MANIFEST)
     prints = set()
     for p in states + ([manifest_path] if os.path.exists(manifest_path) else []):
@@ -300,7 +301,8 @@ def _manifest(name, inputs, hashes, items, files, states, fingerprint, seed, max
         "records_by_task": dict(sorted(by_task.items())),
     }
     converted_written = sum(states[f]["items_written"] for f in files)
-    if counts["items_in"] != counts["items_converted"] + counts["items_skipped"] or converted_written != counts["items_converted"]:
+    adds_up = counts["items_in"] == counts["items_converted"] + counts["items_skipped"]
+    if not adds_up or converted_written != counts["items_converted"]:
         raise AssertionError(f"item counts do not add up: {counts}, items written by shards: {converted_written}")
     return {
         "format": MANIFEST_FORMAT,

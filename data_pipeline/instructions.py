@@ -278,7 +278,8 @@ def video_samples(entry: Any, *, item: str, templates: Templates, seed: int, max
     samples = []
     for t, file, instances, scene, _ in frames:
         sid = f"{item}/frame/{t}"
-        samples.append(Sample(sid, VIDEO_SOURCE, "image", (file,), (), _caption_dialogue(instances, scene, templates, seed, sid),
+        turns = _caption_dialogue(instances, scene, templates, seed, sid)
+        samples.append(Sample(sid, VIDEO_SOURCE, "image", (file,), (), turns,
                               tuple(instances), {**base, "task": "frame_captions", "timestamp": t}))
     for k in range(1, len(frames)):
         (t0, f0, i0, _, _), (t1, f1, i1, _, change) = frames[k - 1], frames[k]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -209,3 +210,30 @@ def test_cli_builds_a_dataset(inputs, tmp_path):
         "demo-00000-of-00002.tfrecord", "demo-00001-of-00002.tfrecord"]
     assert verify_main([str(out)]) == 0
     assert build_main(["--out", str(tmp_path / "none")]) == 2  # no inputs: a clear failure, not a crash
+
+
+def test_llava_video_files_are_decoded_and_subsampled(tmp_path):
+    av = pytest.importorskip("av")
+    import numpy as np
+
+    with av.open(str(tmp_path / "clip.mp4"), "w") as container:
+        stream = container.add_stream("mpeg4", rate=5)
+        stream.width, stream.height, stream.pix_fmt = 32, 16, "yuv420p"
+        for i in range(7):
+            frame = av.VideoFrame.from_ndarray(np.full((16, 32, 3), i * 30, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
+    chat = [{"from": "human", "value": "<image>\nWhat happens?"}, {"from": "gpt", "value": "It gets brighter."}]
+    (tmp_path / "v.json").write_text(json.dumps([{"id": "ok", "video": "clip.mp4", "conversations": chat},
+                                                 {"id": "bad", "video": "broken.mp4", "conversations": chat}]))
+    manifest = build_dataset(str(tmp_path / "out"), llava_json=str(tmp_path / "v.json"), max_frames=4)
+    assert [s["item"] for s in manifest["skipped"]] == ["llava/v/bad"]
+    assert manifest["skipped"][0]["reason"].startswith(f"cannot decode video {tmp_path}/broken.mp4")
+    src = open_dataset(str(tmp_path / "out"))
+    (record,) = [decode_record(src[i], where=src.where(i)) for i in range(len(src))]
+    assert record.media_kind == "video" and record.timestamps == (0.0, 2.0, 4.0, 6.0)
+    brightness = [np.asarray(Image.open(io.BytesIO(f))).mean() for f in record.frames]
+    assert brightness == sorted(brightness) and brightness[-1] - brightness[0] > 100  # frames 0, 2, 4, 6 in order
