@@ -21,6 +21,11 @@ setup(
         "safetensors",
         "transformers>=5.0",
         "tokenizers",
+        # data_pipeline: TFRecord CRC32C and the tf.train.Example protobuf classes (no TensorFlow).
+        "google-crc32c",
+        "tensorflow-datasets>=4.9",
+        "pyarrow",
+        "tqdm",
     ],
     extras_require={
         # tools.annotate (GPT-4o Set-of-Marks annotation): OpenAI client, PyAV for video files, SciPy EDT.
