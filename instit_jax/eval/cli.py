@@ -27,6 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max_new_tokens", type=int, default=128, help="official: 128")
     run.add_argument("--template", default=None, help="conversation template (default: the model's)")
     run.add_argument("--video_root", default=None, help="base of relative video_path (default: bench_dir)")
+    run.add_argument("--seq_buckets", type=int, nargs="+", default=None,
+                     help="padded prompt lengths to compile for (default: 128 … 262144, ~25%% apart)")
+    run.add_argument("--view_buckets", type=int, nargs="+", default=None,
+                     help="padded views per batch to compile for (default: 1 … a batch of max_frames videos)")
     run.add_argument("--dtype", default=None, help="activation dtype override, e.g. bfloat16 (official runs bf16)")
 
     score = sub.add_parser("score", help="score a predictions file")
@@ -63,7 +67,8 @@ def _run(args: argparse.Namespace) -> dict:
     model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, dtype=args.dtype)
     stats = run_bench(model, tokenizer, args.bench_dir, args.out, formats=args.formats, splits=args.splits,
                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, template=args.template,
-                      video_root=args.video_root, model_name=os.path.abspath(args.checkpoint),
+                      video_root=args.video_root, seq_buckets=args.seq_buckets, view_buckets=args.view_buckets,
+                      model_name=os.path.abspath(args.checkpoint),
                       log=lambda s: print(s, file=sys.stderr, flush=True))
     return {"command": "run", "subsets": [dataclasses.asdict(s) for s in stats]}
 

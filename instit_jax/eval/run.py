@@ -50,15 +50,17 @@ def geometric_buckets(first: int, last: int, *, ratio: float = 1.25, multiple: i
         size = max(size * ratio, size + 1)
 
 
-def layout_for(cfg: LlavaNextConfig, batch_size: int, pad_id: int) -> BatchLayout:
-    """Static shapes for eval batches: sequence lengths up to 256k tokens, views up to a full batch of videos."""
+def layout_for(cfg: LlavaNextConfig, batch_size: int, pad_id: int, *, seq_buckets: Sequence[int] | None = None,
+               view_buckets: Sequence[int] | None = None) -> BatchLayout:
+    """Static shapes for eval batches. Default buckets: sequence lengths up to 256k tokens and views up to
+    a full batch of videos, ~25% apart; give a single bucket each to compile exactly one program."""
     max_views = batch_size * max(cfg.max_frames, 1 + max(w * h for w, h in _tile_grids(cfg)))
     return BatchLayout(
         tokens_per_view=cfg.vision.tokens_per_view,
         pooled_tokens_per_view=cfg.pooled_tokens_per_frame,
         image_size=cfg.vision.image_size,
-        seq_buckets=geometric_buckets(128, 2**18, multiple=128),
-        view_buckets=geometric_buckets(1, max_views),
+        seq_buckets=tuple(seq_buckets or geometric_buckets(128, 2**18, multiple=128)),
+        view_buckets=tuple(view_buckets or geometric_buckets(1, max_views)),
         pad_id=pad_id,
     )
 
@@ -147,6 +149,8 @@ def run_bench(
     max_new_tokens: int = MAX_NEW_TOKENS,
     template: str | None = None,
     video_root: str | None = None,
+    seq_buckets: Sequence[int] | None = None,
+    view_buckets: Sequence[int] | None = None,
     model_name: str = "in-memory model",
     process_index: int | None = None,
     process_count: int | None = None,
@@ -155,7 +159,8 @@ def run_bench(
     """Predict every question of the chosen subsets into `out_dir` (official `<split>_<fmt>_inference.json`).
 
     model: a LlavaNext (its `cfg` gives preprocessing, template and max_frames); tokenizer: a
-    transformers fast tokenizer. Resumes from the progress files in `out_dir`.
+    transformers fast tokenizer. Resumes from the progress files in `out_dir`. seq_buckets / view_buckets:
+    the padded sequence lengths and per-batch view counts to compile for (see `layout_for`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -164,7 +169,7 @@ def run_bench(
     tpl = encoder.template
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, eos_ids=stop_token_ids(tokenizer, tpl), pad_id=pad_id)
-    layout = layout_for(cfg, batch_size, pad_id)
+    layout = layout_for(cfg, batch_size, pad_id, seq_buckets=seq_buckets, view_buckets=view_buckets)
     host, hosts, real_multihost = _host_placement(process_index, process_count)
     progress.check_run_info(out_dir, run_info(cfg, model_name=model_name, template=tpl.name,
                                               max_new_tokens=max_new_tokens))
