@@ -2,13 +2,13 @@
 
 Pipeline (Grain 0.2.18 dataset API), per dataset k of ``data_cfg.sources``::
 
-    MapDataset.source(open_dataset(path))        random access into the indexed TFRecord shards
-      .map_with_index(tag k)                      remember dataset and record index for messages
+    MapDataset.range(len(open_dataset(path)))    record indices of the indexed TFRecord shards
       .shuffle(seed_k).repeat()                   global shuffle, a new permutation every epoch
+      .map(tag k)                                 → (k, record index)
 
 then ``MapDataset.mix(datasets, weights)`` (deterministic interleave in the weight proportions),
 ``[:total]`` when ``num_epochs`` is set, ``[process_index::process_count]`` for this host, and
-``.map(PrepareSample)`` (decode, AnyRes/video preprocessing, tokenization, fitting to a row) →
+``.map(PrepareSample)`` (read the record, decode, AnyRes/video preprocessing, tokenization, fitting to a row) →
 ``.to_iter_dataset`` → ``PackedRowsIterDataset`` (packing) → ``.batch(per-host batch)`` →
 ``.mp_prefetch(num_workers)``. With workers, everything up to the batch runs in the worker processes,
 each on its own slice of the host's stream; the output is deterministic for a given worker count
@@ -52,13 +52,13 @@ def _absl_flags_workaround() -> None:
 
 
 class _Tag:
-    """(record bytes, index) → (dataset k, index, bytes): picklable, unlike a lambda."""
+    """position in dataset k's shuffled stream → (k, record index): picklable, unlike a lambda."""
 
-    def __init__(self, k: int):
-        self.k = k
+    def __init__(self, k: int, size: int):
+        self.k, self.size = k, size
 
-    def __call__(self, index: int, data: bytes | None) -> tuple[int, int, bytes | None]:
-        return self.k, index, data
+    def __call__(self, index: int) -> tuple[int, int]:
+        return self.k, int(index) % self.size
 
 
 def _source_seed(seed: int, k: int) -> int:
@@ -77,10 +77,15 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
     return int(process_index), int(process_count)
 
 
-def mixed_records(
+def mixed_indices(
     data_cfg: ml_collections.ConfigDict, *, seed: int, process_index: int, process_count: int
 ) -> tuple[grain.MapDataset, list[Any], list[str]]:
-    """This host's stream of (dataset k, record index, bytes | None), with the opened sources and names."""
+    """This host's stream of (dataset k, record index), with the opened sources and their names.
+
+    Mixing and shuffling act on indices only; records are read afterwards (in the workers) by
+    ``PrepareSample``, which also turns a skipped corrupt record into a counted skip (Grain would
+    silently drop a None coming out of a source).
+    """
     shuffle_seed = seed if data_cfg.shuffle_seed is None else data_cfg.shuffle_seed
     names = [src["name"] for src in data_cfg.sources]
     sources = [open_dataset(src["path"], verify_crc=data_cfg.verify_crc, on_corrupt=data_cfg.on_corrupt)
@@ -89,7 +94,7 @@ def mixed_records(
         if len(source) == 0:
             raise ValueError(f"data source {name!r} has no records")
     parts = [
-        grain.MapDataset.source(source).map_with_index(_Tag(k)).shuffle(_source_seed(shuffle_seed, k)).repeat()
+        grain.MapDataset.range(len(source)).shuffle(_source_seed(shuffle_seed, k)).repeat().map(_Tag(k, len(source)))
         for k, source in enumerate(sources)
     ]
     weights = [float(src.get("weight", 1.0)) for src in data_cfg.sources]
@@ -115,7 +120,7 @@ def build_dataset(
         raise ValueError(f"global_batch_size {data_cfg.global_batch_size} is not divisible by "
                          f"{process_count} processes")
     host_batch = data_cfg.global_batch_size // process_count
-    ds, sources, names = mixed_records(data_cfg, seed=seed, process_index=process_index,
+    ds, sources, names = mixed_indices(data_cfg, seed=seed, process_index=process_index,
                                        process_count=process_count)
 
     layout = RowLayout.for_model(model_cfg, seq_len=data_cfg.seq_len, max_views=data_cfg.max_views_per_row)

@@ -1,6 +1,6 @@
 """One stored record → one tokenized, preprocessed, row-fitted sample (runs in the loader's workers).
 
-``PrepareSample`` turns ``(dataset index, record index, serialized record)`` into a ``Prepared``:
+``PrepareSample`` turns ``(dataset index, record index)`` into a ``Prepared`` (reading the record):
 either a ``batch.Sample`` ready for packing (ids with PLACEHOLDER_ID, labels, its ``VisualInput``) or
 the reason it was skipped, which the packer counts into the batch's ``stats/`` counters:
 
@@ -74,12 +74,12 @@ def image_visual(image: Image.Image, spec: ImageSpec, normalize: ViewNormalizer,
 
 
 class PrepareSample:
-    """Picklable map function of the loader: (dataset k, record index, bytes | None) → Prepared."""
+    """Picklable map function of the loader: (dataset k, record index) → Prepared."""
 
     def __init__(
         self,
         *,
-        sources: Sequence[Any],  # RecordSource per dataset (for `where` in messages)
+        sources: Sequence[Any],  # RecordSource per dataset
         names: Sequence[str],
         model_cfg: LlavaNextConfig,
         tokenizer: Any,
@@ -98,10 +98,11 @@ class PrepareSample:
         self._layout = layout
         self._on_corrupt = on_corrupt
 
-    def __call__(self, element: tuple[int, int, bytes | None]) -> Prepared:
-        k, index, data = element
+    def __call__(self, element: tuple[int, int]) -> Prepared:
+        k, index = element
         name, source = self._names[k], self._sources[k]
-        where = f"{name}:{source.where(index % len(source))}"
+        where = f"{name}:{source.where(index)}"
+        data = source[index]  # RecordError (naming shard and record) unless on_corrupt="skip"
         if data is None:  # the source already decided to skip (on_corrupt="skip")
             log.warning("%s: corrupt record skipped", where)
             return Prepared(name, skip="corrupt")
