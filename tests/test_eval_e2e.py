@@ -22,8 +22,10 @@ from instit_jax.convert.hf_params import abstract_model, load_into_model
 from instit_jax.convert.orbax_io import save_flax
 from instit_jax.eval import cli, progress
 from instit_jax.eval.bench import BenchError, load_bench
+from instit_jax.eval.prompts import input_text
 from instit_jax.eval.run import QuestionEncoder, run_bench
 from instit_jax.models.config import get_preset
+from instit_jax.processing.prompts import PLACEHOLDER_ID
 from tokenizers_for_tests import llama_like_tokenizer
 
 NEW_TOKENS = 6  # the official 128 is the default; a few tokens keep the test fast
@@ -213,6 +215,15 @@ def test_bench_errors_name_the_question(setup, tmp_path):
     tokenizer = llama_like_tokenizer()
     cfg = get_preset("tiny_vicuna")
     video_item = load_bench(s["bench"], "video", "mc")[0]
+    # The prompt is tokenizer_image_token(conv.get_prompt()) of the official script: BOS, the text before
+    # "<image>", one placeholder, the text after it (vicuna_v1: no space after the last "ASSISTANT:").
+    ids = QuestionEncoder(cfg, tokenizer).prompt_ids(video_item)
+    before = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+              "helpful, detailed, and polite answers to the user's questions. USER: ")
+    after = "\n" + input_text("video", "mc", video_item.question, video_item.choices) + " ASSISTANT:"
+    expected = [1, *tokenizer(before, add_special_tokens=False)["input_ids"], PLACEHOLDER_ID,
+                *tokenizer(after, add_special_tokens=False)["input_ids"]]
+    assert ids.tolist() == expected
     assert len(QuestionEncoder(cfg, tokenizer).sample(video_item).visuals[0].pixels) == 3  # all frames
     with pytest.raises(BenchError, match=r"question '001-01'.*3 frames.*max_frames=2"):
         QuestionEncoder(cfg.replace(max_frames=2), tokenizer).sample(video_item)
