@@ -123,23 +123,28 @@ class Trainer:
 
     def init_state(self, seed: int, params: Mapping[Any, Any] | None = None) -> TrainState:
         """A sharded fresh state: random parameters (seed), or `params` (flat arrays from load_flax)."""
-        if params is None:
-            cfg = self.model_cfg
-
-            def init_params() -> dict[str, Any]:
-                model = LlavaNext(cfg, rngs=nnx.Rngs(seed))
-                return jax.tree.map(lambda x: x.astype(jnp.float32), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-
-            param_tree = jax.jit(init_params, out_shardings=self.param_shardings)()
-        else:
-            expected = {p: leaf.shape for p, leaf in self.plan.leaves.items()}
-            shardings = traverse_util.flatten_dict(self.param_shardings)
-            param_tree = put_params(flat_params(params), expected, shardings)
+        param_tree = self.random_params(seed) if params is None else self.shard_params(params)
         opt_state = jax.jit(lambda p: self.tx.init(self.plan.select(p)),
                             out_shardings=self.state_shardings.opt_state)(param_tree)
         step = jax.device_put(jnp.zeros((), jnp.int32), self.replicated)
         rng = jax.device_put(jax.random.PRNGKey(seed), self.replicated)
         return TrainState(step=step, params=param_tree, opt_state=opt_state, rng=rng)
+
+    def random_params(self, seed: int) -> dict[str, Any]:
+        """Freshly initialised parameters (the model's initializers), created already sharded."""
+        cfg = self.model_cfg
+
+        def init_params() -> dict[str, Any]:
+            model = LlavaNext(cfg, rngs=nnx.Rngs(seed))
+            return jax.tree.map(lambda x: x.astype(jnp.float32), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+        return jax.jit(init_params, out_shardings=self.param_shardings)()
+
+    def shard_params(self, params: Mapping[Any, Any]) -> dict[str, Any]:
+        """Host arrays ({path: array} or the nested dict) → float32 params sharded like the state."""
+        expected = {p: leaf.shape for p, leaf in self.plan.leaves.items()}
+        shardings = traverse_util.flatten_dict(self.param_shardings)
+        return put_params(flat_params(params), expected, shardings)
 
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs with shardings (an Orbax restore target); nothing is allocated."""
