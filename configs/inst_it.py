@@ -213,7 +213,10 @@ def stage_config(stage: str, model: str) -> ml_collections.ConfigDict:
             template=template, num_epochs=1,
         )
         config.model.overrides.max_frames = frames
-        config.optimizer.frozen = ["vision_tower/embeddings", "vision_tower/pre_layrnorm", f"{VISION_LAYERS}[0:12]"]
+        # What feeds the first 12 layers is frozen with them: the embeddings, and CLIP's pre-layernorm
+        # (SigLIP has none).
+        config.optimizer.frozen = ["vision_tower/embeddings"] + ([] if qwen else ["vision_tower/pre_layrnorm"]) + [
+            f"{VISION_LAYERS}[0:12]"]
         config.init.from_stage = "stage1"
         _mark(prov, "data.sources", "published: Inst-IT Dataset mixed with LLaVA-NeXT-Data (Inst-IT §4.1); "
               "inference: weights proportional to the published sizes (243K, 779K)")

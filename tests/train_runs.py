@@ -86,18 +86,18 @@ def subprocess_env(devices: int = 8, **extra: str) -> dict[str, str]:
     return env
 
 
-def train_command(config_arg: str, workdir: str, *flags: str) -> list[str]:
-    """`config_arg` = "DATA_ROOT[,STAGE...]" (see get_config)."""
-    return [sys.executable, "-m", "instit_jax.train", f"--config={CONFIG_FILE}:{config_arg}", f"--workdir={workdir}",
+def train_command(config_arg: str, workdir: str, *flags: str, config_file: str = CONFIG_FILE) -> list[str]:
+    """`config_arg` = "DATA_ROOT[,STAGE...]" for this module's get_config."""
+    return [sys.executable, "-m", "instit_jax.train", f"--config={config_file}:{config_arg}", f"--workdir={workdir}",
             *flags]
 
 
 def start(config_arg: str, workdir: str, *flags: str, env: dict[str, str] | None = None,
-          log_name: str = "train.log") -> subprocess.Popen:
+          log_name: str = "train.log", config_file: str = CONFIG_FILE) -> subprocess.Popen:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, log_name), "ab") as log:
-        return subprocess.Popen(train_command(config_arg, workdir, *flags), cwd=REPO, env=env or subprocess_env(),
-                                stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(train_command(config_arg, workdir, *flags, config_file=config_file), cwd=REPO,
+                                env=env or subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
 
 
 def read_log(workdir: str, log_name: str = "train.log") -> str:
@@ -109,9 +109,9 @@ def read_log(workdir: str, log_name: str = "train.log") -> str:
 
 
 def run(config_arg: str, workdir: str, *flags: str, env: dict[str, str] | None = None, timeout: float = 600,
-        log_name: str = "train.log") -> tuple[int, str]:
+        log_name: str = "train.log", config_file: str = CONFIG_FILE) -> tuple[int, str]:
     """(exit code, log text) of a training run to completion."""
-    proc = start(config_arg, workdir, *flags, env=env, log_name=log_name)
+    proc = start(config_arg, workdir, *flags, env=env, log_name=log_name, config_file=config_file)
     proc.wait(timeout=timeout)
     return proc.returncode, read_log(workdir, log_name)
 
