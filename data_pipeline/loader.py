@@ -22,7 +22,6 @@ Batches are dicts of NumPy arrays: ``input_ids, labels, visual_index, positions,
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import grain
@@ -30,8 +29,8 @@ import ml_collections
 import numpy as np
 
 from data_pipeline.config import check_data_config
-from data_pipeline.pack_dataset import PackedRowsIterDataset
-from data_pipeline.packing import RowLayout, collate_rows
+from data_pipeline.pack_dataset import PackedRowsIterDataset, RowCollator
+from data_pipeline.packing import RowLayout
 from data_pipeline.prepare import PrepareSample
 from data_pipeline.records import open_dataset
 from instit_jax.models.config import LlavaNextConfig
@@ -136,7 +135,7 @@ def build_dataset(
         ),
         layout, window=window, pack=bool(data_cfg.pack), source_names=names,
     )
-    batches = rows.batch(host_batch, batch_fn=functools.partial(collate_rows, batch_size=host_batch, layout=layout))
+    batches = rows.batch(host_batch, batch_fn=RowCollator(layout, host_batch))
     if data_cfg.num_workers > 0:
         _absl_flags_workaround()
         batches = batches.mp_prefetch(

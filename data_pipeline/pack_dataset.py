@@ -1,8 +1,10 @@
 """Grain IterDataset that packs prepared samples into rows, window by window, with exact resume.
 
 The packer reads ``window`` elements (``prepare.Prepared``), assigns the usable ones to rows with
-``packing.assign_rows`` (best-fit decreasing, or one per row), builds the rows and emits them in
-order. Everything about a window is a pure function of its elements, so the iterator state is
+``packing.assign_rows`` (best-fit decreasing, or one per row) and emits the rows
+(``packing.PackedRow``: the samples + counters) in order; ``RowCollator`` then writes a batch of rows
+straight into its final arrays — in shared memory when Grain's worker processes hand it over, so
+the pixels are written exactly once. Everything about a window is a pure function of its elements, so the iterator state is
 small and exact:
 
     {"parent": parent state when the window began, "emitted": rows already returned from it,
@@ -23,8 +25,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import grain
+import numpy as np
 
-from data_pipeline.packing import RowLayout, assign_rows, build_row, empty_row, expanded_length, sample_views
+from grain.multiprocessing import SharedMemoryArray
+
+from data_pipeline.packing import PackedRow, RowLayout, assign_rows, collate_rows, expanded_length, sample_views
 from data_pipeline.prepare import SKIP_REASONS, Prepared
 
 
@@ -71,14 +76,14 @@ class _PackedRowsIterator(grain.DatasetIterator):
         self._window_start = self._parent.get_state()
         self._carry_in = self._zeros()
         self._carry_out = self._zeros()
-        self._rows: list[dict[str, Any]] = []
+        self._rows: list[PackedRow] = []
         self._emitted = 0
         self._exhausted = False
 
     def _zeros(self) -> dict[str, int]:
         return dict.fromkeys(self._keys, 0)
 
-    def __next__(self) -> dict[str, Any]:
+    def __next__(self) -> PackedRow:
         while self._emitted >= len(self._rows):
             if self._exhausted:
                 raise StopIteration
@@ -111,16 +116,15 @@ class _PackedRowsIterator(grain.DatasetIterator):
         )
         rows = []
         for r, idx in enumerate(members):
-            row = build_row([samples[i] for i in idx], self._layout)
-            row.update(counts if r == 0 else self._zeros())
-            row["stats/samples"] += len(idx)
+            stats = dict(counts) if r == 0 else self._zeros()
+            stats["stats/samples"] += len(idx)
             for i in idx:
-                row[f"stats/samples/{sources[i]}"] += 1
-            rows.append(row)
+                stats[f"stats/samples/{sources[i]}"] += 1
+            rows.append(PackedRow(tuple(samples[i] for i in idx), stats))
         self._carry_out = self._zeros()
         if not rows:
             if self._exhausted and any(counts.values()):
-                rows = [{**empty_row(self._layout), **counts}]
+                rows = [PackedRow((), counts)]
             else:
                 self._carry_out = counts
         self._rows, self._emitted = rows, 0
@@ -135,3 +139,22 @@ class _PackedRowsIterator(grain.DatasetIterator):
         self._exhausted = False
         self._fill_window()
         self._emitted = int(state["emitted"])
+
+
+class RowCollator:
+    """Grain ``batch_fn``: rows → one batch (``packing.collate_rows``), padded to ``batch_size`` rows.
+
+    Grain calls ``enable_shared_memory_output`` in worker processes; the batch is then allocated in
+    shared memory and reaches the trainer process without another copy.
+    """
+
+    def __init__(self, layout: RowLayout, batch_size: int):
+        self._layout = layout
+        self._batch_size = batch_size
+        self._alloc = np.empty
+
+    def enable_shared_memory_output(self) -> None:
+        self._alloc = SharedMemoryArray
+
+    def __call__(self, rows: Sequence[PackedRow]) -> dict[str, np.ndarray]:
+        return collate_rows(rows, self._batch_size, self._layout, alloc=self._alloc)

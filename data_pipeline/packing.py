@@ -20,7 +20,7 @@ deterministic, and within a window of a few dozen samples it fills rows to ~95-9
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -148,22 +148,27 @@ def assign_rows(
 # ----------------------------------------------------------------------------- row building
 
 
-def empty_row(layout: RowLayout) -> dict[str, np.ndarray]:
-    """An all-padding row (segment 0 everywhere, zero pixels, nothing supervised)."""
+@dataclasses.dataclass(frozen=True)
+class PackedRow:
+    """The samples of one row (segments 1..k, left to right) and its ``stats/`` counters."""
+
+    samples: tuple[Sample, ...]
+    stats: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def allocate_rows(layout: RowLayout, num_rows: int, *, alloc: Callable[..., np.ndarray] = np.empty) -> dict[str, np.ndarray]:
+    """Uninitialized (num_rows, …) arrays for the model keys; ``alloc(shape, dtype)`` may give shared memory."""
     n, s = layout.seq_len, layout.image_size
-    return {
-        "input_ids": np.full(n, layout.pad_id, np.int32),
-        "labels": np.full(n, IGNORE_INDEX, np.int32),
-        "visual_index": np.full(n, -1, np.int32),
-        "positions": np.zeros(n, np.int32),
-        "segment_ids": np.zeros(n, np.int32),
-        "pixels": np.zeros((layout.max_views, s, s, 3), np.float32),
-    }
+    out = {k: alloc((num_rows, n), np.int32) for k in MODEL_KEYS}
+    out["pixels"] = alloc((num_rows, layout.max_views, s, s, 3), np.float32)
+    return out
 
 
-def build_row(samples: Sequence[Sample], layout: RowLayout) -> dict[str, np.ndarray]:
-    """One row: the samples as segments 1..k, left to right, views in the same order."""
-    row = empty_row(layout)
+def write_row(out: dict[str, np.ndarray], b: int, samples: Sequence[Sample], layout: RowLayout) -> None:
+    """Fill row ``b`` of ``out`` completely: the samples as segments 1..k, then padding.
+
+    Writes every pixel once (views, then zeros for unused views): no per-row buffers, no restacking.
+    """
     batch_layout = layout.batch_layout
     s = layout.image_size
     t = v = 0
@@ -172,38 +177,60 @@ def build_row(samples: Sequence[Sample], layout: RowLayout) -> dict[str, np.ndar
         n = len(ids)
         if t + n > layout.seq_len:
             raise ValueError(f"{sample.name}: {n} tokens do not fit the {layout.seq_len - t} left in the row")
-        row["input_ids"][t : t + n] = ids
-        row["labels"][t : t + n] = labels
-        row["visual_index"][t : t + n] = vis
-        row["positions"][t : t + n] = np.arange(n, dtype=np.int32)
-        row["segment_ids"][t : t + n] = segment
+        out["input_ids"][b, t : t + n] = ids
+        out["labels"][b, t : t + n] = labels
+        out["visual_index"][b, t : t + n] = vis
+        out["positions"][b, t : t + n] = np.arange(n, dtype=np.int32)
+        out["segment_ids"][b, t : t + n] = segment
         t += n
         for visual in sample.visuals:
             if visual.pixels.shape[1:] != (s, s, 3):
                 raise ValueError(f"{sample.name}: views of shape {visual.pixels.shape[1:]}, expected {(s, s, 3)}")
             if v + visual.num_views > layout.max_views:
                 raise ValueError(f"{sample.name}: views exceed the row's {layout.max_views}")
-            row["pixels"][v : v + visual.num_views] = visual.pixels
+            out["pixels"][b, v : v + visual.num_views] = visual.pixels
             v += visual.num_views
-    return row
+    out["input_ids"][b, t:] = layout.pad_id
+    out["labels"][b, t:] = IGNORE_INDEX
+    out["visual_index"][b, t:] = -1
+    out["positions"][b, t:] = 0
+    out["segment_ids"][b, t:] = 0
+    out["pixels"][b, v:] = 0
 
 
-def pack_samples(samples: Sequence[Sample], layout: RowLayout, *, pack: bool = True) -> list[dict[str, np.ndarray]]:
+def build_row(samples: Sequence[Sample], layout: RowLayout) -> dict[str, np.ndarray]:
+    """One row as (L,) arrays and pixels (Vr, S, S, 3)."""
+    out = allocate_rows(layout, 1)
+    write_row(out, 0, samples, layout)
+    return {k: v[0] for k, v in out.items()}
+
+
+def empty_row(layout: RowLayout) -> dict[str, np.ndarray]:
+    """An all-padding row (segment 0 everywhere, zero pixels, nothing supervised)."""
+    return build_row((), layout)
+
+
+def pack_samples(samples: Sequence[Sample], layout: RowLayout, *, pack: bool = True) -> list[PackedRow]:
     """Rows for already-fitted samples (``fit_sample``), assigned by ``assign_rows``."""
     rows = assign_rows(
         [expanded_length(s) for s in samples], [sample_views(s) for s in samples],
         seq_len=layout.seq_len, max_views=layout.max_views, pack=pack,
     )
-    return [build_row([samples[i] for i in members], layout) for members in rows]
+    return [PackedRow(tuple(samples[i] for i in members)) for members in rows]
 
 
-def collate_rows(rows: Sequence[dict[str, np.ndarray]], batch_size: int, layout: RowLayout) -> dict[str, np.ndarray]:
-    """Stack rows into a batch, padding with empty rows up to ``batch_size``; ``stats/`` keys are summed."""
+def collate_rows(
+    rows: Sequence[PackedRow], batch_size: int, layout: RowLayout, *, alloc: Callable[..., np.ndarray] = np.empty
+) -> dict[str, np.ndarray]:
+    """The batch of ``rows`` (padded with empty rows up to ``batch_size``), built in place.
+
+    ``stats/`` counters of the rows are summed into int64 scalars (keys: the union over rows).
+    """
     if not 0 < len(rows) <= batch_size:
         raise ValueError(f"{len(rows)} rows for a batch of {batch_size}")
-    rows = list(rows) + [empty_row(layout) for _ in range(batch_size - len(rows))]
-    stat_keys = sorted({k for r in rows for k in r if k.startswith("stats/")})
-    out = {k: np.stack([r[k] for r in rows]) for k in (*MODEL_KEYS, "pixels")}
-    for k in stat_keys:
-        out[k] = np.asarray(sum(int(r.get(k, 0)) for r in rows), np.int64)
+    out = allocate_rows(layout, batch_size, alloc=alloc)
+    for b in range(batch_size):
+        write_row(out, b, rows[b].samples if b < len(rows) else (), layout)
+    for key in sorted({k for r in rows for k in r.stats}):
+        out[key] = np.asarray(sum(int(r.stats.get(key, 0)) for r in rows), np.int64)
     return out

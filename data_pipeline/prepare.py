@@ -61,8 +61,9 @@ class ViewNormalizer:
 
     def __call__(self, views_uint8: np.ndarray) -> np.ndarray:
         out = np.empty(views_uint8.shape, np.float32)
-        for c in range(3):
-            np.take(self._per_channel[c], views_uint8[..., c], out=out[..., c])
+        flat_in, flat_out = views_uint8.reshape(-1, 3), out.reshape(-1, 3)
+        for c in range(3):  # a contiguous 256-entry table per channel (fastest of the gathers tried)
+            flat_out[:, c] = self._per_channel[c][flat_in[:, c]]
         return out
 
 

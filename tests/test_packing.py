@@ -14,6 +14,7 @@ from flax import nnx
 from PIL import Image
 
 from data_pipeline.packing import (
+    PackedRow,
     RowLayout,
     assign_rows,
     build_row,
@@ -123,11 +124,12 @@ def test_views_are_carried_per_row_and_indexed_into_the_rows_table():
 def test_non_packed_mode_puts_one_sample_per_row():
     samples = [_sample("image"), _sample("text"), _sample("video")]
     rows = pack_samples(samples, LAYOUT, pack=False)
-    assert len(rows) == 3
-    for row, sample in zip(rows, samples):
-        n = expanded_length(sample)
-        assert set(np.unique(row["segment_ids"])) == {0, 1}
-        assert int((row["segment_ids"] == 1).sum()) == n
+    assert [r.samples for r in rows] == [(s,) for s in samples]
+    batch = collate_rows(rows, 3, LAYOUT)
+    for b, sample in enumerate(samples):
+        assert set(np.unique(batch["segment_ids"][b])) == {0, 1}
+        assert int((batch["segment_ids"][b] == 1).sum()) == expanded_length(sample)
+    assert len(pack_samples(samples, LAYOUT)) == 1
 
 
 # ----------------------------------------------------------------------------- row assignment
@@ -150,13 +152,19 @@ def test_best_fit_decreasing_respects_tokens_and_views_and_is_deterministic():
         assign_rows([300], [0], seq_len=256, max_views=8)
 
 
-def test_collate_pads_with_empty_rows_and_sums_counters():
-    a = {**empty_row(LAYOUT), "stats/samples": 2, "stats/skipped_undecodable": 1}
-    b = {**empty_row(LAYOUT), "stats/samples": 3, "stats/skipped_undecodable": 0}
-    batch = collate_rows([a, b], batch_size=4, layout=LAYOUT)
+def test_collate_builds_rows_in_place_pads_with_empty_rows_and_sums_counters():
+    image, text = _sample("image"), _sample("text")
+    a = PackedRow((image, text), {"stats/samples": 2, "stats/skipped_undecodable": 1})
+    b = PackedRow((text,), {"stats/samples": 1, "stats/skipped_undecodable": 0})
+    # Garbage-filled buffers: every value of every row must be written.
+    batch = collate_rows([a, b], batch_size=4, layout=LAYOUT, alloc=lambda shape, dtype: np.full(shape, 7, dtype))
     assert batch["input_ids"].shape == (4, LAYOUT.seq_len) and batch["pixels"].shape == (4, 12, S, S, 3)
-    assert int(batch["stats/samples"]) == 5 and int(batch["stats/skipped_undecodable"]) == 1
-    assert np.all(batch["segment_ids"][2:] == 0)
+    assert int(batch["stats/samples"]) == 3 and int(batch["stats/skipped_undecodable"]) == 1
+    for k, row in enumerate([build_row(a.samples, LAYOUT), build_row(b.samples, LAYOUT), empty_row(LAYOUT), empty_row(LAYOUT)]):
+        for key, value in row.items():
+            np.testing.assert_array_equal(batch[key][k], value, err_msg=key)
+    empty = empty_row(LAYOUT)
+    assert np.all(empty["segment_ids"] == 0) and np.all(empty["labels"] == IGNORE_INDEX) and not empty["pixels"].any()
 
 
 # ----------------------------------------------------------------------------- truncation
@@ -248,8 +256,7 @@ def _model() -> LlavaNext:
     return LlavaNext(CFG, rngs=nnx.Rngs(0))  # random init; the norm scales are all 1, which is fine here
 
 
-def _logits(rows: list[dict[str, np.ndarray]]) -> np.ndarray:
-    batch = collate_rows(rows, len(rows), LAYOUT)
+def _logits(batch: dict[str, np.ndarray]) -> np.ndarray:
     args = (jnp.asarray(batch[k]) for k in ("input_ids", "pixels", "visual_index", "positions", "segment_ids"))
     return np.asarray(_forward(_model(), *args))
 
@@ -263,10 +270,11 @@ def test_packed_row_gives_each_segment_the_logits_of_the_sample_alone():
     samples = [_sample("video", 5), _sample("image", 6), _sample("text"), _sample("wide", 7)]
     packed = pack_samples(samples, LAYOUT)
     assert len(packed) == 1, "the test wants all samples in one row"
-    # Control: one segment over the whole row (attention may cross samples).
-    leaky = dict(packed[0], segment_ids=np.where(packed[0]["segment_ids"] > 0, 1, 0).astype(np.int32))
-    # One forward (one compilation): each sample alone in its row (views at 0), the packed row, the control.
-    logits = _logits([build_row([s], LAYOUT) for s in samples] + [packed[0], leaky])
+    # One forward (one compilation): each sample alone in its row (views at 0), the packed row, and a
+    # control where the packed row is one segment (attention may cross samples).
+    batch = collate_rows([PackedRow((s,)) for s in samples] + [packed[0], packed[0]], len(samples) + 2, LAYOUT)
+    batch["segment_ids"][-1] = np.minimum(batch["segment_ids"][-1], 1)
+    logits = _logits(batch)
     alone, together, leaked = logits[: len(samples)], logits[len(samples)], logits[len(samples) + 1]
     start = 0
     for b, sample in enumerate(samples):

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from data_pipeline import instructions
 from data_pipeline.synthetic import annotations as ann
 from data_pipeline.synthetic import bench, questions, render, text, tokenizer
 from data_pipeline.synthetic.world import Scene, sample_image_scene, sample_video_scene
@@ -187,7 +188,7 @@ def _training(w: _Writer) -> tuple[list, list, list, list]:
             w.image(f"images_raw/{i:06d}.jpg", fr.raw)
         rng = _rng(p.seed, _STREAMS["images"] + 100, i)
         images.append(ann.inst_it_image(scene, f"images_vpt/{i:06d}.jpg"))
-        qas = questions.sample_questions(scene, rng, questions.IMAGE_KINDS, 3)
+        qas = questions.sample_questions(scene, rng, questions.IMAGE_KINDS, 2)
         stage2.append(ann.qa_conversation(f"synthetic-image-{i:06d}", "image", f"images_vpt/{i:06d}.jpg", qas,
                                           "image", rng, deck2, STAGE2_FORMATS))
         with_caption = rng.random() < 0.5
@@ -206,7 +207,7 @@ def _training(w: _Writer) -> tuple[list, list, list, list]:
         rng = _rng(p.seed, _STREAMS["videos"] + 100, j)
         qa_pairs = questions.sample_questions(scene, rng, questions.VIDEO_KINDS, int(rng.integers(4, 7)))
         videos.append(ann.inst_it_video(scene, folder, names, qa_pairs))
-        qas = questions.sample_questions(scene, rng, questions.VIDEO_KINDS, 3)
+        qas = questions.sample_questions(scene, rng, questions.VIDEO_KINDS, 2)
         stage2.append(ann.qa_conversation(f"synthetic-video-{j:06d}", "video", folder, qas, "video", rng, deck2,
                                           STAGE2_FORMATS))
     return images, videos, stage1, stage2
@@ -240,30 +241,36 @@ def _bench(w: _Writer, bench_dir: str) -> tuple[dict, list[bench.BenchQuestion],
     return summary, image_qs, video_qs
 
 
-def _conversation_texts(records: list[dict]) -> Iterator[str]:
+def _rendered(turn_lists: Iterator[tuple[str, list]]) -> Iterator[str]:
     template = get_template("vicuna_v1")
+    for sample_id, turns in turn_lists:
+        yield render_prompt(template, turns, add_generation_prompt=False, sample=sample_id)
+
+
+def _llava_turns(records: list[dict]) -> Iterator[tuple[str, list]]:
     for r in records:
-        turns = [(m["from"], m["value"]) for m in r["conversations"]]
-        yield render_prompt(template, turns, add_generation_prompt=False, sample=r["id"])
+        yield r["id"], [(m["from"], m["value"]) for m in r["conversations"]]
+
+
+def _inst_it_turns(images: list[dict], videos: list[dict]) -> Iterator[tuple[str, list]]:
+    """The conversations the builder makes of the Inst-IT records (its default wording, seed 0)."""
+    templates = instructions.Templates()
+    for k, r in enumerate(images):
+        item = instructions.image_item_id(r, k)
+        for sample in instructions.image_samples(r, item=item, templates=templates, seed=0):
+            yield sample.id, list(sample.turns)
+    for k, r in enumerate(videos):
+        item = instructions.video_item_id(r, k)
+        for sample in instructions.video_samples(r, item=item, templates=templates, seed=0):
+            yield sample.id, list(sample.turns)
 
 
 def _corpus(images, videos, stage1, stage2, image_qs, video_qs) -> Iterator[str]:
-    """All text the model will read or write, in a fixed order (vicuna-rendered where it is a chat)."""
-    yield from _conversation_texts(stage1)
-    yield from _conversation_texts(stage2)
-    for r in images:
-        yield from r["instance_level_caption"].values()
-        yield r["image_level_caption"]
-    for r in videos:
-        for fr in r["frame_level_caption"]:
-            yield from fr["instance_level"].values()
-            yield fr["image_level"]
-            if fr["temporal_change"]:
-                yield fr["temporal_change"]
-        for qa in r["question_answer_pairs"]:
-            yield qa["question"]
-            yield qa["answer"]
-        yield r["video_level_caption"]
+    """All text the model will read or write, in a fixed order, rendered as vicuna_v1 chats: the LLaVA
+    files, the builder's conversions of the Inst-IT records, and the bench prompts and answers."""
+    yield from _rendered(_llava_turns(stage1))
+    yield from _rendered(_llava_turns(stage2))
+    yield from _rendered(_inst_it_turns(images, videos))
     template = get_template("vicuna_v1")
     for split, qs in (("image", image_qs), ("video", video_qs)):
         for q in qs:
@@ -278,7 +285,8 @@ def _token_stats(tok, records: list[dict]) -> dict:
     """Text tokens per conversation (visual tokens excluded), to size the loader's seq_len."""
     if not records:
         return {"conversations": 0}
-    lengths = np.array([len(tok(s, add_special_tokens=True)["input_ids"]) for s in _conversation_texts(records)])
+    texts = _rendered(_llava_turns(records))
+    lengths = np.array([len(tok(s, add_special_tokens=True)["input_ids"]) for s in texts])
     return {"conversations": len(records), "text_tokens_max": int(lengths.max()),
             "text_tokens_mean": round(float(lengths.mean()), 1),
             "text_tokens_p95": int(np.percentile(lengths, 95))}
