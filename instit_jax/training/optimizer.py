@@ -224,14 +224,18 @@ def schedule_shape(opt_cfg: Any) -> Callable[[Any], Any]:
     warmup = int(math.ceil(float(opt_cfg.get("warmup_ratio", 0.0)) * total))
     kind = opt_cfg.get("schedule", "cosine")
     if kind == "cosine":
+        if warmup == 0:
+            return optax.cosine_decay_schedule(1.0, total, 0.0)
         return optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup, max(total, warmup + 1), 0.0)
     if kind == "linear":
-        return optax.join_schedules(
-            [optax.linear_schedule(0.0, 1.0, max(warmup, 1)), optax.linear_schedule(1.0, 0.0, max(total - warmup, 1))],
-            [warmup],
-        )
+        decay = optax.linear_schedule(1.0, 0.0, max(total - warmup, 1))
+        if warmup == 0:
+            return decay
+        return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), decay], [warmup])
     if kind == "constant":
-        return optax.join_schedules([optax.linear_schedule(0.0, 1.0, max(warmup, 1)), optax.constant_schedule(1.0)], [warmup])
+        if warmup == 0:
+            return optax.constant_schedule(1.0)
+        return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), optax.constant_schedule(1.0)], [warmup])
     raise ValueError(f"optimizer.schedule {kind!r}: expected cosine, linear or constant")
 
 
