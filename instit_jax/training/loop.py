@@ -30,6 +30,7 @@ from instit_jax.training.metrics import (
     MetricLogger, NonFiniteLossError, peak_flops_per_device, sum_stats, truncate_metrics,
 )
 from instit_jax.training.resolve import ConfigError, StagePlan
+from instit_jax.training.step import MODEL_KEYS
 
 COMPLETE_FILE = "complete.json"
 MODEL_CONFIG_FILE = "model_config.json"
@@ -101,6 +102,21 @@ def _initial_params(plan: StagePlan) -> Any:
     return arrays
 
 
+def compile_step(trainer: Any, state: Any, batch: dict[str, Any], *, stage: str) -> Any:
+    """The trainer's jitted step (sharded, state donated), compiled ahead of its first call.
+
+    With several processes they meet at a barrier afterwards: hosts compile at different speeds (or
+    one loads the executable from the compilation cache), and on CPU the first collective of a step
+    gives up when another host is more than 30 s late.
+    """
+    compiled = trainer.jitted_step().lower(state, {k: batch[k] for k in MODEL_KEYS}).compile()
+    if jax.process_count() > 1:
+        import orbax.checkpoint as ocp
+
+        ocp.multihost.sync_global_processes(f"instit_jax.train.{stage}.step_compiled", timeout=3600)
+    return compiled
+
+
 def run_stage(plan: StagePlan, *, log: Callable[[str], None] = print) -> StageResult:
     """Train one stage to the end (or to preemption / `train.stop_after`)."""
     from data_pipeline.loader import make_loader
@@ -149,6 +165,7 @@ def run_stage(plan: StagePlan, *, log: Callable[[str], None] = print) -> StageRe
     stop_after = int(cfg.train.stop_after)
     first_step = step + 1
     status = DONE
+    step_fn = None
 
     def meta_now() -> dict[str, Any]:
         return {"stage": name, "step": step, "stats": logger.stats_total, "time": time.time()}
@@ -167,9 +184,10 @@ def run_stage(plan: StagePlan, *, log: Callable[[str], None] = print) -> StageRe
                     break
                 logger.add_stats(sum_stats(host_batch))
                 batch = trainer.shard_batch(host_batch)
-                if logger.flops_per_step is None:
+                if step_fn is None:
+                    step_fn = compile_step(trainer, state, batch, stage=name)
                     logger.flops_per_step = trainer.flops_per_step(batch)
-                state, metrics = trainer.step(state, batch)
+                state, metrics = step_fn(state, {k: batch[k] for k in MODEL_KEYS})
                 step += 1
                 logger.record(step, metrics, tokens=count_tokens(batch["segment_ids"]))
                 stop = preemption.should_stop(step, int(cfg.train.preemption_check_every))

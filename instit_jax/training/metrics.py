@@ -92,8 +92,9 @@ def _global_sums(local: Mapping[str, int]) -> dict[str, int]:
     names = sorted(local)
     # Every batch carries the same keys (static batch structure), so the vectors line up; the name hash
     # makes a mismatch an error instead of silently adding different counters.
-    tag = np.int64(zlib.crc32("\n".join(names).encode()))
-    gathered = multihost_utils.process_allgather(np.asarray([tag] + [local[n] for n in names], np.int64))
+    # int32: JAX without x64 would narrow int64 (the counters are per-flush deltas, far below 2**31).
+    tag = zlib.crc32("\n".join(names).encode()) & 0x7FFFFFFF
+    gathered = np.asarray(multihost_utils.process_allgather(np.asarray([tag] + [local[n] for n in names], np.int32)))
     if not np.all(gathered[:, 0] == tag):
         raise RuntimeError(f"processes disagree on the loader's stats/ counters (this host: {names})")
     return {n: int(v) for n, v in zip(names, gathered[:, 1:].sum(axis=0))}
