@@ -76,8 +76,8 @@ def run(config: Any, workdir: str | None = None, *, log=print) -> int:
     from instit_jax.training.loop import PREEMPTED, TrainingStopped, run_stage
     from instit_jax.training.resolve import ConfigError, plan_stages
 
-    workdir = os.path.abspath(os.path.expanduser(workdir or config.get("workdir") or "")) if (
-        workdir or config.get("workdir")) else ""
+    workdir = workdir or config.get("workdir") or ""
+    workdir = os.path.abspath(os.path.expanduser(workdir)) if workdir else ""
     primary = jax.process_index() == 0
     say = log if primary else (lambda _msg: None)
     demo = config.get("demo")

@@ -13,6 +13,7 @@ from ml_collections import config_flags
 from configs.inst_it import MODELS, get_config
 from instit_jax.training.resolve import ConfigError, plan_stages
 from train_runs import REPO, checkpoint_steps, logged_steps, run, write_tiny_data
+from train_runs import get_config as tiny_demo_config
 
 REAL_STAGES = ("align", "stage1", "stage2")
 PROVENANCE_KINDS = ("published", "default", "inference", "choice", "required")
@@ -138,8 +139,7 @@ def test_the_command_line_reports_the_missing_field(tmp_path):
 
 
 def test_stage_two_of_a_multi_stage_run_needs_no_export_yet(tmp_path):
-    config = get_config("demo")
-    config.data_root = write_tiny_data(str(tmp_path / "data"))
+    config = tiny_demo_config(write_tiny_data(str(tmp_path / "data")))  # the demo's stages on tiny data
     plans = plan_stages(config, str(tmp_path / "run"))
     assert [p.name for p in plans] == ["stage1", "stage2"]
     assert plans[0].init is None  # random init

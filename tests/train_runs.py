@@ -25,7 +25,7 @@ COMPILE_CACHE = os.path.join(tempfile.gettempdir(), "instit_jax_tests_jax_cache"
 
 
 def write_tiny_data(root: str) -> str:
-    """`root/synthetic/{images,inst_it,tokenizer}`: the relative paths the demo config names."""
+    """`root/synthetic/{images,inst_it,tokenizer}`: 48 image records, 24 short videos, a tokenizer."""
     sys.path.insert(0, os.path.dirname(CONFIG_FILE))
     from loader_data import image_record, video_record, write_dataset
     from tokenizers_for_tests import llama_like_tokenizer
@@ -42,8 +42,8 @@ def write_tiny_data(root: str) -> str:
 
 
 def get_config(arg: str) -> ml_collections.ConfigDict:
-    """`DATA_ROOT[,STAGE...]`: the demo config on the tiny data (only the named stages, default both),
-    8 steps per stage, checkpoints every 2 steps."""
+    """`DATA_ROOT[,STAGE...]`: the demo config's stages (the named ones, default both) on the tiny data,
+    8 steps each, checkpoints every 2 steps, no demo hooks."""
     sys.path.insert(0, REPO)
     from configs.inst_it import get_config as inst_it_config
 
@@ -53,8 +53,12 @@ def get_config(arg: str) -> ml_collections.ConfigDict:
     if stages:
         config.stages = tuple(stages)
     config.demo.prepare = config.demo.finish = ""
+    images = dict(name="images", path="synthetic/images", weight=1.0)
+    videos = dict(name="inst_it", path="synthetic/inst_it", weight=1.0)
     for name in ("stage1", "stage2"):
         stage = config[name]
+        stage.data.sources = [images] if name == "stage1" else [images, videos]
+        stage.data.tokenizer = "synthetic/tokenizer"
         stage.model.overrides.text = ml_collections.ConfigDict({"vocab_size": VOCAB})
         stage.data.seq_len = 192
         stage.data.global_batch_size = 8

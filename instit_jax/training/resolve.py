@@ -6,6 +6,7 @@ paths fails at once with a `ConfigError` naming the field to set.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -136,7 +137,7 @@ def plan_stages(config: ml_collections.ConfigDict, workdir: str) -> list[StagePl
     plans: list[StagePlan] = []
     earlier: list[str] = []
     for name, field, raw in stage_configs(config):
-        cfg = ml_collections.ConfigDict(raw.to_dict())  # an unlocked copy to resolve into
+        cfg = ml_collections.ConfigDict(copy.deepcopy(raw.to_dict()))  # an unlocked copy to resolve into
         cfg.stage = name
         if "seed" not in cfg:
             cfg.seed = int(config.get("seed", 0))
