@@ -208,6 +208,7 @@ def run_stage(plan: StagePlan, *, log: Callable[[str], None] = print) -> StageRe
         good = ckpt.latest_step()
         kept = f"the last good checkpoint is step {good} in {ckpt.directory}" if good is not None else \
             "no checkpoint was saved before it"
+        ckpt.close()
         raise TrainingStopped(
             f"{name}: {err}. Stopped without saving that state; {kept}. Lower {plan.field}optimizer.lr (or "
             f"{plan.field}optimizer.clip_norm) or check the data; rerunning resumes from the last good checkpoint."
