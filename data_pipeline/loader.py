@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from data_pipeline.config import check_data_config
-from data_pipeline.pack_dataset import PackedRowsIterDataset, RowCollator
+from data_pipeline.pack_dataset import MIN_SHM_BYTES, PackedRowsIterDataset, RowCollator
 from data_pipeline.packing import RowLayout
 from data_pipeline.prepare import PrepareSample
 from data_pipeline.records import open_dataset
@@ -138,7 +138,8 @@ def build_dataset(
     batches = rows.batch(host_batch, batch_fn=RowCollator(layout, host_batch))
     if data_cfg.num_workers > 0:
         _absl_flags_workaround()
-        batches = batches.mp_prefetch(
+        options = grain.experimental.DatasetOptions(min_shm_size=MIN_SHM_BYTES)
+        batches = grain.experimental.WithOptionsIterDataset(batches, options).mp_prefetch(
             grain.MultiprocessingOptions(num_workers=int(data_cfg.num_workers),
                                          per_worker_buffer_size=int(data_cfg.prefetch))
         )

@@ -144,8 +144,10 @@ class _PackedRowsIterator(grain.DatasetIterator):
 class RowCollator:
     """Grain ``batch_fn``: rows → one batch (``packing.collate_rows``), padded to ``batch_size`` rows.
 
-    Grain calls ``enable_shared_memory_output`` in worker processes; the batch is then allocated in
-    shared memory and reaches the trainer process without another copy.
+    Grain calls ``enable_shared_memory_output`` in worker processes; the pixels (the only big array)
+    are then allocated in shared memory and reach the trainer process without another copy. The
+    (B, L) int arrays are small and travel pickled (see ``MIN_SHM_BYTES``), which is cheaper than a
+    shared-memory segment each.
     """
 
     def __init__(self, layout: RowLayout, batch_size: int):
@@ -154,7 +156,16 @@ class RowCollator:
         self._alloc = np.empty
 
     def enable_shared_memory_output(self) -> None:
-        self._alloc = SharedMemoryArray
+        self._alloc = _pixels_in_shared_memory
 
     def __call__(self, rows: Sequence[PackedRow]) -> dict[str, np.ndarray]:
         return collate_rows(rows, self._batch_size, self._layout, alloc=self._alloc)
+
+
+# Arrays below this size are pickled between processes instead of getting a shared-memory segment.
+MIN_SHM_BYTES = 1 << 20
+
+
+def _pixels_in_shared_memory(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return SharedMemoryArray(shape, dtype) if nbytes >= MIN_SHM_BYTES else np.empty(shape, dtype)
