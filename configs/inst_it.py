@@ -236,18 +236,24 @@ def stage_config(stage: str, model: str) -> ml_collections.ConfigDict:
 # --------------------------------------------------------------------------- the demo
 
 
+# Synthetic world for the demo (data_pipeline.synthetic.WorldParams); its tokenizer sets the vocabulary.
+DEMO_WORLD = dict(seed=0, num_images=400, num_videos=120, bench_images=50, bench_videos=25, max_frames=8,
+                  vocab_size=512)
+
+
 def demo_stage(stage: str) -> ml_collections.ConfigDict:
-    """One demo stage: the tiny model on a CPU-sized batch (tuned by the demo, issue 8)."""
+    """One demo stage: the tiny model on a CPU-sized batch, sized to finish both stages in minutes."""
     config = ml_collections.ConfigDict()
     stage_fields(config, stage=stage, preset="tiny_vicuna")
     config.model.overrides = ml_collections.ConfigDict(dict(
-        dtype="float32", param_dtype="float32", scan_layers=True, remat="none", max_frames=8,
+        dtype="float32", param_dtype="float32", scan_layers=True, remat="none", max_frames=DEMO_WORLD["max_frames"],
+        text=dict(vocab_size=DEMO_WORLD["vocab_size"]),
     ))
-    sources = [dict(name="synthetic_images", path="synthetic/images", weight=1.0)]
+    sources = [dict(name="synthetic_images", path="datasets/images", weight=1.0)]
     if stage == "stage2":
-        sources.append(dict(name="synthetic_inst_it", path="synthetic/inst_it", weight=1.0))
+        sources.append(dict(name="synthetic_inst_it", path="datasets/inst_it", weight=2.0))
     config.data = data_config(
-        sources=sources, seq_len=512, max_views_per_row=8, global_batch_size=8, max_frames=8,
+        sources=sources, seq_len=512, max_views_per_row=8, global_batch_size=8, max_frames=DEMO_WORLD["max_frames"],
         tokenizer="synthetic/tokenizer", template="vicuna_v1",
     )
     config.optimizer.lr = config.optimizer.projector_lr = 1e-3
@@ -273,11 +279,15 @@ def demo_config() -> ml_collections.ConfigDict:
     config.stage1 = demo_stage("stage1")
     config.stage2 = demo_stage("stage2")
     config.demo = ml_collections.ConfigDict(dict(
-        # "module:function" hooks for the embedded demo (issue 8). `prepare(config, workdir)` runs before
-        # anything else (builds the synthetic data under data_dir); `finish(config, workdir, exports)`
-        # runs after the last stage with {stage: export dir} (evaluation, the score table).
-        prepare="",
-        finish="",
+        # "module:function" hooks around the stages: `prepare(config, workdir)` runs first (synthetic world +
+        # TFRecord datasets under data_dir); `finish(config, workdir, exports)` runs after the last stage with
+        # {stage: export dir} (bench evaluation of every stage, the score table, the final JSON line).
+        prepare="instit_jax.demo:prepare",
+        finish="instit_jax.demo:finish",
         data_dir="",  # "" = <workdir>/demo_data; the stages' relative data paths resolve against it
+        seed=0,
+        num_shards=2,
+        world=dict(DEMO_WORLD),
+        eval=dict(batch_size=16, max_new_tokens=128),
     ))
     return config
