@@ -49,7 +49,10 @@ def abstract_batch(trainer: Any, rows: int, length: int, views: int) -> dict[str
     import jax
     import numpy as np
 
-    s = trainer.model_cfg.vision.image_size
+    v = trainer.model_cfg.vision
+    # The pixels the patch embedding reads: g·p (378 for SigLIP-384/14, whose conv drops the last 6
+    # rows and columns). models/vision.py currently needs exactly g·p; see docs/training_core.md.
+    s = v.tokens_per_side * v.patch_size
     shapes = {k: ((rows, length), np.int32) for k in ("input_ids", "labels", "visual_index", "positions", "segment_ids")}
     shapes["pixels"] = ((rows, views, s, s, 3), np.float32)
     shardings = trainer.batch_shardings()
@@ -76,22 +79,18 @@ def plan(config: Any, topology: str, *, rows: int | None = None, length: int | N
     from instit_jax.sharding import make_mesh
     from instit_jax.training import Trainer
 
+    if int(config.optimizer.get("total_steps", 0) or 0) <= 0:  # "one epoch", resolved by the data at run time;
+        config.optimizer.total_steps = 1000  # the schedule's length changes nothing in the compiled step
     devices = topology_devices(topology)
     mesh = make_mesh(config.mesh, devices=devices)
     trainer = Trainer(config, mesh)
     rows, length, views = batch_dims(config, rows, length, views)
     trainer.check_batch_size(rows)
     batch = abstract_batch(trainer, rows, length, views)
-    compiled = trainer.jitted_step().lower(trainer.abstract_state(), batch).compile()
-
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    state = trainer.abstract_state()
     kind = devices[0].device_kind
     hbm = HBM_BYTES.get(kind)
-    total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
-    analytic = trainer.flops_per_step(batch)
-    return {
+    report = {
         "topology": topology,
         "device_kind": kind,
         "chips": len(devices),
@@ -101,41 +100,102 @@ def plan(config: Any, topology: str, *, rows: int | None = None, length: int | N
         "remat": trainer.model_cfg.remat,
         "scan_layers": trainer.model_cfg.scan_layers,
         "params": trainer.plan.counts(),
-        "per_chip_bytes": {
-            "arguments": int(mem.argument_size_in_bytes),
-            "outputs": int(mem.output_size_in_bytes),
-            "aliased": int(mem.alias_size_in_bytes),
-            "temporaries": int(mem.temp_size_in_bytes),
-            "code": int(mem.generated_code_size_in_bytes),
-            "total": int(total),
-        },
         "hbm_bytes": hbm,
-        "fits": None if hbm is None else bool(total + mem.generated_code_size_in_bytes <= hbm),
-        "flops_per_step": {
-            "xla_per_chip": float(cost.get("flops", -1.0)) if cost else -1.0,
-            "analytic_total": int(analytic),
-            "analytic_per_chip": analytic / len(devices),
-        },
+        "flops_per_step": {"analytic_total": int(trainer.flops_per_step(batch))},
     }
+    report["flops_per_step"]["analytic_per_chip"] = report["flops_per_step"]["analytic_total"] / len(devices)
+    shard_bytes = {"state": per_chip_bytes(state), "batch": per_chip_bytes(batch)}
+    try:
+        compiled = trainer.jitted_step().lower(state, batch).compile()
+    except Exception as err:  # XLA refuses programs that exceed HBM; its message has the sizes
+        needed = out_of_memory_bytes(str(err))
+        if needed is None:
+            raise
+        report["per_chip_bytes"] = {"arguments_unpadded": sum(shard_bytes.values()), **needed}
+        report["fits"] = False
+        report["flops_per_step"]["xla_per_chip"] = None
+        report["compile_error"] = str(err).splitlines()[0][:400]
+        return report
+
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    report["per_chip_bytes"] = {
+        "arguments": int(mem.argument_size_in_bytes),
+        "arguments_unpadded": sum(shard_bytes.values()),
+        "outputs": int(mem.output_size_in_bytes),
+        "aliased": int(mem.alias_size_in_bytes),
+        "temporaries": int(mem.temp_size_in_bytes),
+        "code": int(mem.generated_code_size_in_bytes),
+        "total": int(total),
+    }
+    report["fits"] = None if hbm is None else bool(total + mem.generated_code_size_in_bytes <= hbm)
+    # XLA counts a while loop's body once (not × trip count): with scan_layers this undercounts.
+    report["flops_per_step"]["xla_per_chip"] = float(cost.get("flops", -1.0)) if cost else -1.0
+    return report
+
+
+_SIZE = r"([0-9.]+)([KMGT]?)i?B?"
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def out_of_memory_bytes(message: str) -> dict[str, int] | None:
+    """Sizes from XLA's TPU out-of-memory error, or None if `message` is not one."""
+    import re
+
+    if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
+        return None
+    out = {}
+    m = re.search(r"required for HLO temporaries \(" + _SIZE + r"\) exceeds available HBM \(" + _SIZE + r"\)", message)
+    if m:
+        out["temporaries"] = int(float(m.group(1)) * _UNITS[m.group(2)])
+        out["hbm_available"] = int(float(m.group(3)) * _UNITS[m.group(4)])
+    m = re.search(r"Used " + _SIZE + r" of " + _SIZE + r" hbm", message)
+    if m:
+        out["total"] = int(float(m.group(1)) * _UNITS[m.group(2)])
+        out["hbm_available"] = int(float(m.group(3)) * _UNITS[m.group(4)])
+    return out or None
+
+
+def per_chip_bytes(tree: Any) -> int:
+    """Bytes one chip holds of a tree of sharded ShapeDtypeStructs (no layout padding)."""
+    import jax
+    import numpy as np
+
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape)
+        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+    return total
 
 
 def format_report(r: dict[str, Any]) -> str:
     b = r["per_chip_bytes"]
     hbm = f"{r['hbm_bytes'] / GiB:.1f} GiB" if r["hbm_bytes"] else "unknown"
+    gib = lambda key: f"{b[key] / GiB:9.3f} GiB" if key in b else "        ? GiB"  # noqa: E731
+    p = r["params"]
     lines = [
         f"topology {r['topology']} ({r['chips']} × {r['device_kind']}), mesh {r['mesh']}",
-        f"model {r['model']}: {r['params']['total'] / 1e9:.3f} B params ({r['params']['trainable'] / 1e9:.3f} B trainable); "
+        f"model {r['model']}: {p['total'] / 1e6:.1f} M params ({p['trainable'] / 1e6:.1f} M trainable); "
         f"remat={r['remat']} scan={r['scan_layers']}",
         f"batch {r['batch']['rows']} rows × {r['batch']['seq_len']} tokens, {r['batch']['views_per_row']} views/row, "
         f"grad_accum {r['batch']['grad_accum_steps']}",
         "per-chip memory:",
-        f"  arguments   {b['arguments'] / GiB:9.3f} GiB",
-        f"  outputs     {b['outputs'] / GiB:9.3f} GiB (aliased with arguments: {b['aliased'] / GiB:.3f} GiB)",
-        f"  temporaries {b['temporaries'] / GiB:9.3f} GiB",
-        f"  total       {b['total'] / GiB:9.3f} GiB of {hbm} HBM -> {'fits' if r['fits'] else 'does NOT fit' if r['fits'] is not None else '?'}",
-        f"FLOPs per step: XLA {r['flops_per_step']['xla_per_chip']:.4g} per chip; analytic "
-        f"{r['flops_per_step']['analytic_total']:.4g} total = {r['flops_per_step']['analytic_per_chip']:.4g} per chip",
+        f"  arguments   {gib('arguments')} (state + batch shards before layout padding: {b['arguments_unpadded'] / GiB:.3f} GiB)",
+        f"  outputs     {gib('outputs')} (aliased with arguments: {gib('aliased').strip()})",
+        f"  temporaries {gib('temporaries')}",
+        f"  total       {gib('total')} of {hbm} HBM -> "
+        + ("fits" if r["fits"] else "does NOT fit" if r["fits"] is not None else "?"),
     ]
+    if "compile_error" in r:
+        lines.append(f"  XLA: {r['compile_error']}")
+    xla = r["flops_per_step"]["xla_per_chip"]
+    lines.append(
+        f"FLOPs per step: analytic {r['flops_per_step']['analytic_total']:.4g} total = "
+        f"{r['flops_per_step']['analytic_per_chip']:.4g} per chip; XLA per chip "
+        + (f"{xla:.4g} (scan bodies counted once)" if xla is not None else "n/a")
+    )
     return "\n".join(lines)
 
 
