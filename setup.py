@@ -26,6 +26,8 @@ setup(
         "tensorflow-datasets>=4.9",
         "pyarrow",
         "tqdm",
+        # training: TensorBoard event files without TensorFlow.
+        "tensorboardX",
     ],
     extras_require={
         # tools.annotate (GPT-4o Set-of-Marks annotation): OpenAI client, PyAV for video files, SciPy EDT.
