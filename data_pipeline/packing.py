@@ -9,7 +9,8 @@ segment, so the model's segment-causal attention keeps samples apart. Each row c
     [max_views·P full rows | max_views·Q pooled rows | newline]
 
 — the layout ``batch.expand_sample`` builds (here with num_views = max_views and the view offset of
-the sample inside its row).
+the sample inside its row). Views may be float32 (normalized) or uint8 (normalized here, exactly, by
+``pixels.ViewNormalizer`` as they are written).
 
 Samples that do not fit are cut by ``fit_sample`` at a token boundary outside every visual span, so
 an image or video is either wholly in the row or not at all; a sample left with no supervised token
@@ -24,6 +25,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from data_pipeline.pixels import normalizer
 from instit_jax.models.config import LlavaNextConfig
 from instit_jax.processing.batch import BatchLayout, Sample, expand_sample
 from instit_jax.processing.prompts import IGNORE_INDEX, PLACEHOLDER_ID
@@ -41,12 +43,17 @@ class RowLayout:
     pooled_tokens_per_view: int  # Q
     image_size: int  # S
     pad_id: int = 0
+    # The tower's pixel statistics: uint8 views (the loader's images) are normalized with them when
+    # their row is written; float32 views are taken as already normalized.
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
 
     @classmethod
     def for_model(cls, cfg: LlavaNextConfig, *, seq_len: int, max_views: int) -> RowLayout:
         pad = cfg.text.pad_token_id
-        return cls(seq_len, max_views, cfg.vision.tokens_per_view, cfg.pooled_tokens_per_frame,
-                   cfg.vision.image_size, 0 if pad is None else int(pad))
+        v = cfg.vision
+        return cls(seq_len, max_views, v.tokens_per_view, cfg.pooled_tokens_per_frame, v.image_size,
+                   0 if pad is None else int(pad), tuple(v.image_mean), tuple(v.image_std))
 
     @property
     def batch_layout(self) -> BatchLayout:
@@ -188,7 +195,7 @@ def write_row(out: dict[str, np.ndarray], b: int, samples: Sequence[Sample], lay
                 raise ValueError(f"{sample.name}: views of shape {visual.pixels.shape[1:]}, expected {(s, s, 3)}")
             if v + visual.num_views > layout.max_views:
                 raise ValueError(f"{sample.name}: views exceed the row's {layout.max_views}")
-            out["pixels"][b, v : v + visual.num_views] = visual.pixels
+            _write_views(out["pixels"][b, v : v + visual.num_views], visual.pixels, layout, sample.name)
             v += visual.num_views
     out["input_ids"][b, t:] = layout.pad_id
     out["labels"][b, t:] = IGNORE_INDEX
@@ -196,6 +203,15 @@ def write_row(out: dict[str, np.ndarray], b: int, samples: Sequence[Sample], lay
     out["positions"][b, t:] = 0
     out["segment_ids"][b, t:] = 0
     out["pixels"][b, v:] = 0
+
+
+def _write_views(dest: np.ndarray, pixels: np.ndarray, layout: RowLayout, name: str) -> None:
+    if pixels.dtype == np.uint8:
+        if layout.mean is None or layout.std is None:
+            raise ValueError(f"{name}: uint8 views need the layout's mean/std to be normalized")
+        normalizer(layout.mean, layout.std)(pixels, out=dest)
+    else:
+        dest[...] = pixels
 
 
 def build_row(samples: Sequence[Sample], layout: RowLayout) -> dict[str, np.ndarray]:

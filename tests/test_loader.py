@@ -14,7 +14,8 @@ from PIL import Image
 
 from data_pipeline.config import data_config
 from data_pipeline.loader import build_dataset, make_loader, mixed_indices
-from data_pipeline.prepare import ViewNormalizer, image_visual
+from data_pipeline.pixels import ViewNormalizer
+from data_pipeline.prepare import image_visual
 from data_pipeline.tfrecord import RecordError
 from instit_jax.models.config import get_preset
 from instit_jax.processing.image import ImageSpec, load_image, preprocess_image
@@ -228,6 +229,7 @@ def test_table_normalization_is_bit_identical_to_the_reference_preprocessing():
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="PNG")
         image = load_image(buf.getvalue(), sample="x")
         expected, plan = preprocess_image(image, spec)
-        visual = image_visual(image, spec, ViewNormalizer(spec.mean, spec.std), sample="x")
-        np.testing.assert_array_equal(visual.pixels, expected)
+        visual = image_visual(image, spec, sample="x")
+        assert visual.pixels.dtype == np.uint8
+        np.testing.assert_array_equal(ViewNormalizer(spec.mean, spec.std)(visual.pixels), expected)
         assert visual.num_tokens == plan.num_tokens

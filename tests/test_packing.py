@@ -25,10 +25,11 @@ from data_pipeline.packing import (
     pack_samples,
     sample_views,
 )
+from data_pipeline.prepare import image_visual
 from instit_jax.models.config import get_preset
 from instit_jax.models.llava_next import LlavaNext
 from instit_jax.processing.batch import Sample, VisualInput, expand_sample
-from instit_jax.processing.image import ImageSpec
+from instit_jax.processing.image import ImageSpec, load_image
 from instit_jax.processing.media import visual_for_image, visual_for_video
 from instit_jax.processing.prompts import IGNORE_INDEX, PLACEHOLDER_ID, get_template, tokenize_conversation
 from tokenizers_for_tests import llama_like_tokenizer
@@ -119,6 +120,20 @@ def test_views_are_carried_per_row_and_indexed_into_the_rows_table():
         start += n
     assert np.all(row["pixels"][offset:] == 0)
     assert row["visual_index"].max() <= vr * (P + Q)
+
+
+def test_uint8_views_are_normalized_exactly_as_they_are_written():
+    data = _png(90, 60, 4)
+    tokens = tokenize_conversation(TOKENIZER, VICUNA, CONVERSATIONS["wide"], sample="wide")
+    normalized = visual_for_image(data, SPEC, sample="f")  # float32, the reference preprocessing
+    raw = image_visual(load_image(data, sample="u"), SPEC, sample="u")  # the loader's uint8 views
+    assert raw.pixels.dtype == np.uint8 and normalized.pixels.dtype == np.float32
+    a = build_row([Sample("f", tokens.ids, tokens.labels, (normalized,))], LAYOUT)
+    b = build_row([Sample("u", tokens.ids, tokens.labels, (raw,))], LAYOUT)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    with pytest.raises(ValueError, match="mean/std"):
+        build_row([Sample("u", tokens.ids, tokens.labels, (raw,))], dataclasses.replace(LAYOUT, mean=None))
 
 
 def test_non_packed_mode_puts_one_sample_per_row():
