@@ -4,14 +4,20 @@ The packer reads ``window`` elements (``prepare.Prepared``), assigns the usable 
 ``packing.assign_rows`` (best-fit decreasing, or one per row) and emits the rows
 (``packing.PackedRow``: the samples + counters) in order; ``RowCollator`` then writes a batch of rows
 straight into its final arrays — in shared memory when Grain's worker processes hand it over, so
-the pixels are written exactly once. Everything about a window is a pure function of its elements, so the iterator state is
-small and exact:
+the pixels are written exactly once. Everything about a window is a pure function of its elements,
+so the iterator state is small and exact:
 
-    {"parent": parent state when the window began, "emitted": rows already returned from it,
-     "carry": counters of earlier windows that produced no row}
+    {"parent": parent state when the window began, "deferred": JSON list of the parent states just
+     before each sample carried over from earlier windows (with its wait count), "emitted": rows
+     already returned from this window, "carry": counters of earlier windows that produced no row}
 
-``set_state`` restores the parent, rebuilds the window (re-reading and re-preparing its elements)
-and skips the rows already emitted; the next rows are then exactly those an uninterrupted run gives.
+The emptiest row of a window whose samples have waited fewer than ``MAX_DEFERRALS`` windows is not
+emitted: its samples join the next window, which fills most of the gap a window boundary leaves
+(93.2% → 95.2% non-padding tokens on an Inst-IT-like mix, 8192-token rows, 64-sample windows;
+``benchmarks/packing.py``).
+``set_state`` re-reads the deferred samples, restores the parent, rebuilds the window (re-reading
+and re-preparing its elements) and skips the rows already emitted; the next rows are then exactly
+those an uninterrupted run gives.
 
 Every row carries ``stats/...`` counters (scalars): ``stats/samples`` and ``stats/samples/<source>``
 (segments in the row), ``stats/truncated`` and ``stats/skipped_<reason>``. Skip counts of a window
@@ -21,6 +27,8 @@ leftover count is emitted on an all-padding row, so no count is ever lost.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,6 +73,19 @@ class PackedRowsIterDataset(grain.IterDataset):
                f"window={self._window}, pack={self._pack})"
 
 
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """A usable sample of the window and the parent state just before it was read."""
+
+    state: dict[str, Any]
+    prepared: Prepared
+    deferrals: int  # windows this sample has already waited for
+
+
+# How many windows a sample may wait for a better-filled row (bounds its delay and the replay).
+MAX_DEFERRALS = 2
+
+
 class _PackedRowsIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator, layout: RowLayout, *, window: int, pack: bool,
                  keys: tuple[str, ...]):
@@ -76,6 +97,8 @@ class _PackedRowsIterator(grain.DatasetIterator):
         self._window_start = self._parent.get_state()
         self._carry_in = self._zeros()
         self._carry_out = self._zeros()
+        self._deferred_in: list[_Entry] = []
+        self._deferred_out: list[_Entry] = []
         self._rows: list[PackedRow] = []
         self._emitted = 0
         self._exhausted = False
@@ -89,16 +112,18 @@ class _PackedRowsIterator(grain.DatasetIterator):
                 raise StopIteration
             self._window_start = self._parent.get_state()
             self._carry_in = self._carry_out
+            self._deferred_in = self._deferred_out
             self._fill_window()
         row = self._rows[self._emitted]
         self._emitted += 1
         return row
 
     def _fill_window(self) -> None:
-        """Read one window from the parent and build its rows (uses ``self._carry_in``)."""
+        """Read one window from the parent and build its rows (uses the ``*_in`` fields)."""
         counts = dict(self._carry_in)
-        samples, sources = [], []
+        entries = list(self._deferred_in)
         for _ in range(self._window):
+            state = self._parent.get_state()
             try:
                 prepared: Prepared = next(self._parent)
             except StopIteration:
@@ -108,18 +133,26 @@ class _PackedRowsIterator(grain.DatasetIterator):
             if prepared.sample is None:
                 counts[f"stats/skipped_{prepared.skip}"] += 1
             else:
-                samples.append(prepared.sample)
-                sources.append(prepared.source)
-        members = assign_rows(
-            [expanded_length(s) for s in samples], [sample_views(s) for s in samples],
-            seq_len=self._layout.seq_len, max_views=self._layout.max_views, pack=self._pack,
-        )
+                entries.append(_Entry(state, prepared, deferrals=0))
+        samples = [e.prepared.sample for e in entries]
+        lengths = [expanded_length(s) for s in samples]
+        members = assign_rows(lengths, [sample_views(s) for s in samples], seq_len=self._layout.seq_len,
+                              max_views=self._layout.max_views, pack=self._pack)
+        self._deferred_out = []
+        if self._pack and not self._exhausted and len(members) > 1:
+            # The emptiest row whose samples may still wait joins the next window instead of being
+            # emitted: this recovers most of the padding a window boundary would otherwise leave.
+            eligible = [r for r, idx in enumerate(members) if all(entries[i].deferrals < MAX_DEFERRALS for i in idx)]
+            if eligible:
+                emptiest = min(eligible, key=lambda r: sum(lengths[i] for i in members[r]))
+                self._deferred_out = [dataclasses.replace(entries[i], deferrals=entries[i].deferrals + 1)
+                                      for i in members.pop(emptiest)]
         rows = []
         for r, idx in enumerate(members):
             stats = dict(counts) if r == 0 else self._zeros()
             stats["stats/samples"] += len(idx)
             for i in idx:
-                stats[f"stats/samples/{sources[i]}"] += 1
+                stats[f"stats/samples/{entries[i].prepared.source}"] += 1
             rows.append(PackedRow(tuple(samples[i] for i in idx), stats))
         self._carry_out = self._zeros()
         if not rows:
@@ -130,9 +163,21 @@ class _PackedRowsIterator(grain.DatasetIterator):
         self._rows, self._emitted = rows, 0
 
     def get_state(self) -> dict[str, Any]:
-        return {"parent": self._window_start, "emitted": self._emitted, "carry": dict(self._carry_in)}
+        return {
+            "parent": self._window_start,
+            # A JSON string: the number of deferred samples varies, the state's structure must not.
+            "deferred": json.dumps([[e.state, e.deferrals] for e in self._deferred_in]),
+            "emitted": self._emitted,
+            "carry": dict(self._carry_in),
+        }
 
     def set_state(self, state: dict[str, Any]) -> None:
+        # Deferred samples are re-read from where they were first read (their skip/truncation
+        # counters were already emitted then), then the window is rebuilt from its start.
+        self._deferred_in = []
+        for before, deferrals in json.loads(state["deferred"]):
+            self._parent.set_state(before)
+            self._deferred_in.append(_Entry(before, next(self._parent), deferrals))
         self._parent.set_state(state["parent"])
         self._window_start = state["parent"]
         self._carry_in = {**self._zeros(), **state["carry"]}

@@ -4,6 +4,7 @@ Orbax), mixture proportions, per-epoch shuffle, per-host sharding, skipped sampl
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import grain
@@ -103,6 +104,12 @@ def test_resume_equality_in_process(datasets):
     cfg = _cfg(datasets, "mixed", num_epochs=1)
     ds = build_dataset(cfg, model_cfg=MODEL, tokenizer=TOKENIZER, seed=3, process_index=0, process_count=1)
     grain.experimental.assert_equal_output_after_checkpoint(ds)
+    # The checkpoints above include restores inside a window and with samples deferred to it.
+    it, states = iter(ds), []
+    for _ in it:
+        states.append(it.get_state())
+    assert any(e > 0 for st in states for e in _find(st, "emitted"))
+    assert any(json.loads(d) for st in states for d in _find(st, "deferred"))
 
 
 def test_resume_equality_with_two_workers(datasets):
