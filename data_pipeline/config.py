@@ -8,10 +8,13 @@ field                  default     meaning
 =====================  ==========  ====================================================================
 ``sources``            ``[]``      list of ``{"name", "path", "weight"}``: built dataset dirs
                                    (``data_pipeline.build``) and their mixture weights (> 0, any scale)
-``seq_len``            4096        tokens per row (text + visual tokens), every batch is (B, seq_len)
-``max_views_per_row``  16          Vr: image views/video frames one row can carry; pixels are
+``seq_len``            6144        tokens per row (text + visual tokens), every batch is (B, seq_len);
+                                   Inst-IT trains with a 6K context (a 32-frame CLIP video is 4608)
+``max_views_per_row``  40          Vr: image views/video frames one row can carry; pixels are
                                    (B, Vr, S, S, 3). Samples with more views are cut before the
-                                   first visual that does not fit (or skipped, see packing)
+                                   first visual that does not fit (or skipped, see packing). The
+                                   vision tower runs on all B·Vr views, padding included: size it
+                                   to the data (40 = a 32-frame video + a 5-view image + 3)
 ``global_batch_size``  8           rows per step over all hosts (divisible by the host count)
 ``max_frames``         32          videos with more frames are skipped and counted (never resampled,
                                    frame references in the text would no longer match)
@@ -48,8 +51,8 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(
         {
             "sources": [],
-            "seq_len": 4096,
-            "max_views_per_row": 16,
+            "seq_len": 6144,
+            "max_views_per_row": 40,
             "global_batch_size": 8,
             "max_frames": 32,
             "template": ml_collections.FieldReference(None, field_type=str),

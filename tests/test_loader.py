@@ -97,6 +97,13 @@ def test_batches_have_the_contract_shapes_and_every_sample_once_per_epoch(datase
     assert sum(int((b["segment_ids"].max(axis=1) > 0).sum()) for b in batches) < total
 
 
+def test_non_packed_mode_gives_one_sample_per_row(datasets):
+    batches = list(_loader(_cfg(datasets, "mixed", num_epochs=1, pack=False)))
+    segments = np.concatenate([b["segment_ids"].max(axis=1) for b in batches])
+    assert set(segments.tolist()) <= {0, 1}
+    assert int(segments.sum()) == sum(int(b["stats/samples"]) for b in batches) == NUM_IMAGES + NUM_VIDEOS + NUM_TEXTS
+
+
 # ----------------------------------------------------------------------------- resume
 
 
