@@ -48,7 +48,7 @@ class Prepared:
     source: str
     sample: Sample | None = None
     skip: str | None = None
-    truncated: bool = False
+    truncated: bool = False  # cut to fit a row (and kept)
 
 
 def image_visual(image: Image.Image, spec: ImageSpec, *, sample: str) -> VisualInput:
@@ -123,7 +123,10 @@ class PrepareSample:
         sample = Sample(label, tokens.ids, tokens.labels, visuals)
         fitted, truncated = fit_sample(sample, max_tokens=self._layout.seq_len, max_views=self._layout.max_views)
         if fitted is None:
-            return Prepared(name, skip="too_long" if truncated else "unsupervised", truncated=truncated)
+            reason = "too_long" if truncated else "unsupervised"
+            log.warning("sample skipped (%s): %s: no supervised token %s", reason, label,
+                        "fits the row" if truncated else "in the conversation")
+            return Prepared(name, skip=reason)
         return Prepared(name, sample=fitted, truncated=truncated)
 
     def _visuals(self, kind: str, images: list[Image.Image], label: str) -> tuple[VisualInput, ...]:

@@ -17,6 +17,7 @@ from data_pipeline.config import data_config
 from data_pipeline.loader import build_dataset, make_loader, mixed_indices
 from data_pipeline.pixels import ViewNormalizer
 from data_pipeline.prepare import image_visual
+from data_pipeline.schema import Record
 from data_pipeline.tfrecord import RecordError
 from instit_jax.models.config import get_preset
 from instit_jax.processing.image import ImageSpec, load_image, preprocess_image
@@ -203,14 +204,20 @@ def test_undecodable_image_and_bad_samples_are_skipped_and_counted(tmp_path):
     good = [image_record(f"ok{i}", i) for i in range(5)]
     broken = image_record("broken", 99, frame=b"\xff\xd8\xff\xe0 definitely not a jpeg")
     long_video = video_record("long", 1, frames=5)  # max_frames=4 below
-    path = write_dataset(str(tmp_path / "bad"), "bad", good + [broken, long_video])
+    question = "What color is the mat? " * 60  # > 256 tokens
+    late_answer = Record("late", "test", "text", (), (), (("user", question), ("assistant", "The mat is red.")))
+    cut = Record("cut", "test", "text", (), (), (("user", "What color is the mat?"), ("assistant", "The mat is red."),
+                                                  ("user", question), ("assistant", "The mat is red.")))
+    path = write_dataset(str(tmp_path / "bad"), "bad", good + [broken, long_video, late_answer, cut])
     cfg = data_config(sources=[{"name": "bad", "path": path, "weight": 1.0}], seq_len=256, max_views_per_row=8,
                       global_batch_size=2, num_epochs=1, max_frames=4, read_threads=1)
     batches = list(_loader(cfg))
     total = lambda key: sum(int(b[key]) for b in batches)  # noqa: E731
     assert total("stats/skipped_undecodable") == 1
     assert total("stats/skipped_invalid") == 1
-    assert total("stats/samples") == 5
+    assert total("stats/skipped_too_long") == 1  # its only reply starts after token 256
+    assert total("stats/truncated") == 1  # "cut" keeps its first reply
+    assert total("stats/samples") == 6
 
 
 def test_corrupt_record_is_skipped_or_raises_naming_the_shard(tmp_path):
