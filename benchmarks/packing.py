@@ -1,6 +1,8 @@
 """Packing efficiency: share of non-padding tokens with our packer vs padding to the longest in a batch.
 
-    python benchmarks/packing.py [--samples 4000] [--seq-len 8192] [--max-views 40] [--batch 8]
+    python benchmarks/packing.py [--samples 4000] [--seq-len 6144] [--max-views 40] [--window 64] [--batch 8]
+
+Defaults: the loader's (``data_config()``: 6144-token rows, 40 views, 64-sample windows).
 
 Length model (Vicuna-7B geometry: CLIP-336 AnyRes images, 144 pooled tokens per video frame), drawn
 with a fixed seed; text lengths in tokens. Not the real data — a stand-in shaped like Inst-IT's mix:
@@ -35,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import grain  # noqa: E402
 
+from data_pipeline.config import data_config  # noqa: E402
 from data_pipeline.pack_dataset import PackedRowsIterDataset  # noqa: E402
 from data_pipeline.packing import RowLayout, expanded_length, fit_sample, sample_views  # noqa: E402
 from data_pipeline.prepare import Prepared  # noqa: E402
@@ -124,11 +127,12 @@ def padded_share(samples: list[Sample], batch: int) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    defaults = data_config()  # the loader's defaults
     parser.add_argument("--samples", type=int, default=4000)
-    parser.add_argument("--seq-len", type=int, default=8192)
-    parser.add_argument("--max-views", type=int, default=40)
+    parser.add_argument("--seq-len", type=int, default=defaults.seq_len)
+    parser.add_argument("--max-views", type=int, default=defaults.max_views_per_row)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--window", type=int, default=defaults.pack_window)
     args = parser.parse_args()
 
     layout = RowLayout.for_model(CFG, seq_len=args.seq_len, max_views=args.max_views)
