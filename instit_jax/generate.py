@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from instit_jax.models.llava_next import LlavaNext
 from instit_jax.models.llm import KVCache
@@ -120,17 +121,43 @@ _generate_jit = jax.jit(_generate, static_argnums=(0, 3))
 
 
 class Generator:
-    """Holds a model split for jit; `generate` compiles once per (batch, prompt bucket, views, config)."""
+    """Holds a model split for jit; `generate` compiles once per (batch, prompt bucket, views, config).
 
-    def __init__(self, model: LlavaNext):
-        self.graphdef, self.state = nnx.split(model)
+    devices: the rows of a batch are split over these (data parallel; parameters replicated on each).
+    Default: the model's current placement, one device. A batch whose row count is not a multiple of
+    the device count is padded with copies of its last row, whose outputs are dropped.
+    """
+
+    def __init__(self, model: LlavaNext, *, devices: Sequence[jax.Device] | None = None):
+        self.graphdef, state = nnx.split(model)
+        self.devices = list(devices) if devices else []
+        if len(self.devices) > 1:
+            mesh = Mesh(np.array(self.devices), ("data",))
+            self._rows = NamedSharding(mesh, PartitionSpec("data"))
+            self._replicated = NamedSharding(mesh, PartitionSpec())
+            state = jax.device_put(state, self._replicated)
+        self.state = state
+
+    def _place(self, inputs: dict[str, np.ndarray]) -> tuple[dict[str, jax.Array], int]:
+        rows = inputs["input_ids"].shape[0]
+        if len(self.devices) <= 1:
+            return {k: jnp.asarray(v) for k, v in inputs.items()}, rows
+        extra = -rows % len(self.devices)
+        placed = {}
+        for key, value in inputs.items():
+            if key == "pixels":  # the batch-wide view stack: every device gathers its rows from it
+                placed[key] = jax.device_put(value, self._replicated)
+            else:
+                padded = np.concatenate([value, np.repeat(value[-1:], extra, axis=0)]) if extra else value
+                placed[key] = jax.device_put(padded, self._rows)
+        return placed, rows
 
     def generate(self, batch: Mapping[str, np.ndarray], cfg: SamplingConfig) -> list[list[int]]:
         """New tokens per row, ending at (and including) the first EOS / stop sequence, if any."""
         aligned = left_align(batch)
-        inputs = {k: jnp.asarray(aligned[k]) for k in ("input_ids", "pixels", "visual_index", "positions", "segment_ids")}
+        inputs, rows = self._place({k: aligned[k] for k in ("input_ids", "pixels", "visual_index", "positions", "segment_ids")})
         out, _ = _generate_jit(self.graphdef, self.state, inputs, cfg)
-        return [trim(row, cfg) for row in np.asarray(out)]
+        return [trim(row, cfg) for row in np.asarray(out)[:rows]]
 
 
 def trim(row: Sequence[int], cfg: SamplingConfig) -> list[int]:

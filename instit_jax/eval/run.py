@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from instit_jax.eval import progress
@@ -137,6 +138,13 @@ def _host_placement(process_index: int | None, process_count: int | None) -> tup
     return index, count, real
 
 
+def row_devices(batch_size: int) -> list[Any]:
+    """This host's devices that share a batch's rows: the most that divide the batch evenly."""
+    local = jax.local_devices()
+    n = max(d for d in range(1, len(local) + 1) if batch_size % d == 0)
+    return local[:n]
+
+
 def run_bench(
     model: Any,
     tokenizer: Any,
@@ -173,7 +181,7 @@ def run_bench(
     host, hosts, real_multihost = _host_placement(process_index, process_count)
     progress.check_run_info(out_dir, run_info(cfg, model_name=model_name, template=tpl.name,
                                               max_new_tokens=max_new_tokens))
-    generator = Generator(model)
+    generator = Generator(model, devices=row_devices(batch_size))
 
     def prepare(chunk: list[BenchItem]) -> dict[str, np.ndarray]:
         samples = [encoder.sample(item) for item in chunk]
