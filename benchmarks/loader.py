@@ -161,7 +161,8 @@ def main() -> None:
                 results[f"ours_{w}w_samples_per_s"].append(ours(path, w, args.samples, tokenizer))
             print(f"run {run}: " + ", ".join(f"{k}={v[-1]:.2f}" for k, v in results.items()), flush=True)
     median = {k: round(statistics.median(v), 3) for k, v in results.items()}
-    out = dict(median, runs=args.runs, samples=args.samples, cpus=os.cpu_count(), note="measured on a shared, loaded machine")
+    out = dict(median, runs=args.runs, samples=args.samples, cpus=os.cpu_count(),
+               note="measured on a shared, loaded machine")
     if "ours_0w_samples_per_s" in median:
         out["ratio"] = round(median["ours_0w_samples_per_s"] / median["hf_samples_per_s"], 3)
         if "ours_2w_samples_per_s" in median:

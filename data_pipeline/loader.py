@@ -8,8 +8,8 @@ Pipeline (Grain 0.2.18 dataset API), per dataset k of ``data_cfg.sources``::
 
 then ``MapDataset.mix(datasets, weights)`` (deterministic interleave in the weight proportions),
 ``[:total]`` when ``num_epochs`` is set, ``[process_index::process_count]`` for this host, and
-``.map(PrepareSample)`` (read the record, decode, AnyRes/video preprocessing, tokenization, fitting to a row) →
-``.to_iter_dataset`` → ``PackedRowsIterDataset`` (packing) → ``.batch(per-host batch)`` →
+``.map(PrepareSample)`` (read the record, decode, AnyRes/video preprocessing, tokenization, fitting
+to a row) → ``.to_iter_dataset`` → ``PackedRowsIterDataset`` (packing) → ``.batch(per-host batch)`` →
 ``.mp_prefetch(num_workers)``. With workers, everything up to the batch runs in the worker processes,
 each on its own slice of the host's stream; the output is deterministic for a given worker count
 (changing ``num_workers`` between save and restore changes the order — keep it fixed for a run).
@@ -35,19 +35,13 @@ from data_pipeline.prepare import PrepareSample
 from data_pipeline.records import open_dataset
 from instit_jax.models.config import LlavaNextConfig
 
-# grain 0.2.18 reads an absl flag in mp_prefetch workers and fails when absl flags were never parsed
-# (google/grain#1355, fixed after 0.2.18); the documented workaround is to mark them parsed.
-_ABSL_WORKAROUND_DONE = False
-
-
 def _absl_flags_workaround() -> None:
-    global _ABSL_WORKAROUND_DONE
-    if not _ABSL_WORKAROUND_DONE:
-        from absl import flags
+    """grain 0.2.18 reads an absl flag in mp_prefetch workers and fails when absl flags were never
+    parsed (google/grain#1355, fixed after 0.2.18); the documented workaround is to mark them parsed."""
+    from absl import flags
 
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        _ABSL_WORKAROUND_DONE = True
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 class _Tag:

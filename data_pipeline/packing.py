@@ -163,7 +163,9 @@ class PackedRow:
     stats: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
-def allocate_rows(layout: RowLayout, num_rows: int, *, alloc: Callable[..., np.ndarray] = np.empty) -> dict[str, np.ndarray]:
+def allocate_rows(
+    layout: RowLayout, num_rows: int, *, alloc: Callable[..., np.ndarray] = np.empty
+) -> dict[str, np.ndarray]:
     """Uninitialized (num_rows, …) arrays for the model keys; ``alloc(shape, dtype)`` may give shared memory."""
     n, s = layout.seq_len, layout.image_size
     out = {k: alloc((num_rows, n), np.int32) for k in MODEL_KEYS}

@@ -28,7 +28,9 @@ def encoded_image(width: int, height: int, seed: int, fmt: str = "JPEG") -> byte
     return buf.getvalue()
 
 
-def image_record(rid: str, seed: int, *, size: tuple[int, int] = (90, 60), turns: int = 1, frame: bytes | None = None) -> Record:
+def image_record(
+    rid: str, seed: int, *, size: tuple[int, int] = (90, 60), turns: int = 1, frame: bytes | None = None
+) -> Record:
     rng = np.random.default_rng(seed)
     conv = []
     for t in range(turns):

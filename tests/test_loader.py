@@ -52,7 +52,8 @@ def _cfg(datasets, *names, weights=None, **overrides):
 
 
 def _loader(cfg, **kw):
-    return make_loader(cfg, model_cfg=MODEL, tokenizer=TOKENIZER, seed=0, **{"process_index": 0, "process_count": 1, **kw})
+    kw = {"process_index": 0, "process_count": 1, **kw}
+    return make_loader(cfg, model_cfg=MODEL, tokenizer=TOKENIZER, seed=0, **kw)
 
 
 def _take(it, n):

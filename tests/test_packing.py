@@ -36,7 +36,8 @@ from tokenizers_for_tests import llama_like_tokenizer
 
 TOKENIZER = llama_like_tokenizer()
 # tiny_vicuna with a vocabulary that covers the test tokenizer.
-CFG = get_preset("tiny_vicuna").replace(text=dataclasses.replace(get_preset("tiny_vicuna").text, vocab_size=len(TOKENIZER)))
+_TINY = get_preset("tiny_vicuna")
+CFG = _TINY.replace(text=dataclasses.replace(_TINY.text, vocab_size=len(TOKENIZER)))
 SPEC = ImageSpec.from_model_config(CFG)
 VICUNA = get_template("vicuna_v1")
 P, Q, S = CFG.vision.tokens_per_view, CFG.pooled_tokens_per_frame, CFG.vision.image_size
@@ -52,9 +53,11 @@ def _png(width: int, height: int, seed: int) -> bytes:
 CONVERSATIONS = {
     "image": [("user", "<image>\nWhat is shown in the image?"), ("assistant", "A cat sitting on a red mat."),
               ("user", "What color is the mat?"), ("assistant", "The mat is red.")],
-    "video": [("user", "<image>\nDescribe the object [1] in detail."), ("assistant", "It is a dog playing with a ball.")],
+    "video": [("user", "<image>\nDescribe the object [1] in detail."),
+              ("assistant", "It is a dog playing with a ball.")],
     "text": [("user", "What color is the mat?"), ("assistant", "The mat is red.")],
-    "wide": [("user", "<image>\nWhat is shown in the image?"), ("assistant", "A photo of two dogs running on the grass.")],
+    "wide": [("user", "<image>\nWhat is shown in the image?"),
+             ("assistant", "A photo of two dogs running on the grass.")],
 }
 
 
@@ -175,7 +178,8 @@ def test_collate_builds_rows_in_place_pads_with_empty_rows_and_sums_counters():
     batch = collate_rows([a, b], batch_size=4, layout=LAYOUT, alloc=lambda shape, dtype: np.full(shape, 7, dtype))
     assert batch["input_ids"].shape == (4, LAYOUT.seq_len) and batch["pixels"].shape == (4, 12, S, S, 3)
     assert int(batch["stats/samples"]) == 3 and int(batch["stats/skipped_undecodable"]) == 1
-    for k, row in enumerate([build_row(a.samples, LAYOUT), build_row(b.samples, LAYOUT), empty_row(LAYOUT), empty_row(LAYOUT)]):
+    expected = [build_row(a.samples, LAYOUT), build_row(b.samples, LAYOUT), empty_row(LAYOUT), empty_row(LAYOUT)]
+    for k, row in enumerate(expected):
         for key, value in row.items():
             np.testing.assert_array_equal(batch[key][k], value, err_msg=key)
     empty = empty_row(LAYOUT)
