@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from data_pipeline.build import shard_name
 from data_pipeline.records import MANIFEST, MANIFEST_FORMAT
 from data_pipeline.schema import Record, encode_record
 from data_pipeline.tfrecord import TFRecordWriter
@@ -56,7 +57,7 @@ def write_dataset(directory: str, name: str, records: Sequence[Record | bytes], 
     os.makedirs(directory, exist_ok=True)
     shards = []
     for s in range(num_shards):
-        file = f"{name}-{s:05d}-of-{num_shards:05d}.tfrecord"
+        file = shard_name(name, s, num_shards)
         with TFRecordWriter(os.path.join(directory, file)) as writer:
             for r in records[s::num_shards]:
                 writer.write(r if isinstance(r, bytes) else encode_record(r))

@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
+from data_pipeline import build
 from data_pipeline.config import data_config
 from data_pipeline.loader import build_dataset, make_loader, mixed_indices
 from data_pipeline.pixels import ViewNormalizer
@@ -21,7 +22,7 @@ from data_pipeline.schema import Record
 from data_pipeline.tfrecord import RecordError
 from instit_jax.models.config import get_preset
 from instit_jax.processing.image import ImageSpec, load_image, preprocess_image
-from loader_data import image_record, text_record, video_record, write_dataset
+from loader_data import encoded_image, image_record, text_record, video_record, write_dataset
 from tokenizers_for_tests import llama_like_tokenizer
 
 MODEL = get_preset("tiny_vicuna")
@@ -196,6 +197,30 @@ def test_host_shards_are_disjoint_and_cover_the_data(datasets):
         assert all(b["input_ids"].shape[0] == 2 for b in batches)
         counts.append(sum(int(b["stats/samples"]) for b in batches))
     assert sum(counts) == NUM_IMAGES + NUM_VIDEOS + NUM_TEXTS and min(counts) > 0
+
+
+def test_a_dataset_built_by_the_builder_loads_end_to_end(tmp_path):
+    media = tmp_path / "media"
+    media.mkdir()
+    for i in range(4):
+        (media / f"im{i}.jpg").write_bytes(encoded_image(80 + 10 * i, 60, seed=i))
+    instit = [{"image_id": f"im{i}", "image_path": f"im{i}.jpg",
+               "instance_level_caption": {"1": "A dog.", "2": "A ball near [1]."},
+               "image_level_caption": "A dog [1] plays with a ball [2] on the grass."} for i in range(2)]
+    llava = [{"id": f"chat{i}", "image": f"im{i}.jpg",
+              "conversations": [{"from": "human", "value": "<image>\nWhat is shown in the image?"},
+                                {"from": "gpt", "value": "A cat sitting on a red mat."}]} for i in range(2, 4)]
+    (tmp_path / "instit.json").write_text(json.dumps(instit))
+    (tmp_path / "llava.json").write_text(json.dumps(llava))
+    out = str(tmp_path / "built")
+    manifest = build.build_dataset(out, instit_image_json=str(tmp_path / "instit.json"),
+                                   llava_json=str(tmp_path / "llava.json"), media_root=str(media), num_shards=2)
+    cfg = data_config(sources=[{"name": "built", "path": out, "weight": 1.0}], seq_len=256, max_views_per_row=8,
+                      global_batch_size=2, num_epochs=1, read_threads=1)
+    batches = list(_loader(cfg))
+    assert sum(int(b["stats/samples"]) for b in batches) == manifest["num_records"] == 4
+    assert sum(int(b[k]) for b in batches for k in b if k.startswith("stats/skipped")) == 0
+    assert all(int((b["labels"] != -100).sum()) > 0 for b in batches)
 
 
 # ----------------------------------------------------------------------------- bad input
