@@ -15,6 +15,7 @@ from PIL import Image
 
 from data_pipeline import build
 from data_pipeline.config import data_config
+from data_pipeline.estimate import estimate_steps
 from data_pipeline.loader import build_dataset, make_loader, mixed_indices
 from data_pipeline.pixels import ViewNormalizer
 from data_pipeline.prepare import image_visual
@@ -105,6 +106,19 @@ def test_non_packed_mode_gives_one_sample_per_row(datasets):
     segments = np.concatenate([b["segment_ids"].max(axis=1) for b in batches])
     assert set(segments.tolist()) <= {0, 1}
     assert int(segments.sum()) == sum(int(b["stats/samples"]) for b in batches) == NUM_IMAGES + NUM_VIDEOS + NUM_TEXTS
+
+
+def test_step_estimate_is_exact_on_the_whole_stream_and_close_on_a_sample(datasets):
+    cfg = _cfg(datasets, "mixed", num_epochs=2)
+    batches = list(_loader(cfg))
+    exact = estimate_steps(cfg, model_cfg=MODEL, tokenizer=TOKENIZER, seed=0, num_samples=10_000)
+    assert exact["steps"] == len(batches) and exact["draws"] == 2 * (NUM_IMAGES + NUM_VIDEOS + NUM_TEXTS)
+    rows = sum(int((b["segment_ids"].max(axis=1) > 0).sum()) for b in batches)
+    assert exact["rows_per_draw"] == pytest.approx(rows / exact["draws"])
+    sampled = estimate_steps(cfg, model_cfg=MODEL, tokenizer=TOKENIZER, seed=0, num_samples=22)
+    assert sampled["sampled"] == 22 and abs(sampled["steps"] - len(batches)) <= 0.25 * len(batches)
+    # Far fewer steps than records / batch: packing puts several samples in a row.
+    assert exact["steps"] < exact["draws"] / cfg.global_batch_size
 
 
 # ----------------------------------------------------------------------------- resume
