@@ -34,7 +34,6 @@ from typing import Any
 
 import grain
 import numpy as np
-
 from grain.multiprocessing import SharedMemoryArray
 
 from data_pipeline.packing import PackedRow, RowLayout, assign_rows, collate_rows, expanded_length, sample_views
