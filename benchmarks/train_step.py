@@ -134,6 +134,7 @@ def main() -> None:
     ap.add_argument("--seq-bucket", type=int, default=128)
     ap.add_argument("--loss-chunk", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--no-scan", action="store_true", help="unroll the layer stacks (scan_layers=False)")
     ap.add_argument("--gemm-n", type=int, default=3072)
     ap.add_argument("--gemm-runs", type=int, default=7)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -161,7 +162,7 @@ def main() -> None:
     from instit_jax.training import Trainer
     from instit_jax.training.flops import step_flops
 
-    cfg = fwd.bench_config(args.vocab)
+    cfg = fwd.bench_config(args.vocab).replace(scan_layers=not args.no_scan)
     print(f"cores: {os.cpu_count()}  torch threads: {torch.get_num_threads()}  jax {jax.__version__}  "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     torch.manual_seed(0)
@@ -225,7 +226,7 @@ def main() -> None:
         "ours_tokens_per_s": real_tokens / ours_s, "torch_tokens_per_s": real_tokens / torch_s,
         "ratio": torch_s / ours_s, "roofline_fraction": rf, "gemm_flops": roof, "train_flops": flops,
         "first_loss_ours": loss_ours, "first_loss_torch": loss_hf, "real_tokens": real_tokens,
-        "positions": b * seq_len, "views_per_row": vr, "ynn": args.ynn, "loss_chunk": args.loss_chunk,
+        "positions": b * seq_len, "views_per_row": vr, "ynn": args.ynn, "loss_chunk": args.loss_chunk, "scan_layers": not args.no_scan,
         "ours_cpu_per_wall": fwd._cpu_ratio(wall["ours"], cpu["ours"]), "load_avg": fwd._loadavg(),
     }
     print(json.dumps(result))

@@ -1,8 +1,10 @@
 """Named hardware layouts: mesh shape, accumulation and memory settings that fit a TPU slice.
 
-A config selects one with `config.layout = "<name>"` (configs/inst_it.py) or a caller applies it with
-`apply_layout(config, name)`. Each entry was found by compiling the stage-2 step ahead of time
-(benchmarks/aot_7b.py: global batch 128 rows × 6144 tokens) and is the cheapest candidate that fits.
+A config selects one with `apply_layout(config, name)` (configs/inst_it.py can expose it as an
+option). Each entry was found by compiling the stage-2 step ahead of time on a CPU machine
+(`benchmarks/aot_7b.py`: global batch 128 rows × 6144 tokens, views per row from the config, bf16
+compute, fp32 master weights + Adam, remat full, scanned layers) and is the cheapest candidate that
+fits. Measured per-chip totals are in docs/training_core.md ("7B results").
 """
 
 from __future__ import annotations
@@ -10,10 +12,22 @@ from __future__ import annotations
 from typing import Any
 
 # name -> {"mesh": {data, fsdp, tensor}, "grad_accum_steps": int, "model_overrides": {...}}
-LAYOUTS: dict[str, dict[str, Any]] = {}
+LAYOUTS: dict[str, dict[str, Any]] = {
+    # v5p-64 (v5p:4x4x4, 95 GiB/chip): pure FSDP, 2 micro-batches of 64 rows (1 row per chip each).
+    # vicuna_7b 77.7 GiB, qwen2_7b 78.5 GiB per chip; one micro-batch (2 rows/chip) needs 150 GiB.
+    "v5p-64": {
+        "mesh": {"data": 1, "fsdp": 64, "tensor": 1},
+        "grad_accum_steps": 2,
+        "model_overrides": {"remat": "full", "scan_layers": True},
+    },
+}
 
-# (model preset, topology) -> layout name
-FOR_MODEL: dict[tuple[str, str], str] = {}
+# (model preset, topology) -> layout name. v5e-256 has none yet: with the model's current attention
+# (full T×T scores per layer) no mesh/accumulation setting fits 16 GiB (docs/training_core.md).
+FOR_MODEL: dict[tuple[str, str], str] = {
+    ("vicuna_7b", "v5p-64"): "v5p-64",
+    ("qwen2_7b", "v5p-64"): "v5p-64",
+}
 
 
 def layout_name(model: str, topology: str) -> str:
