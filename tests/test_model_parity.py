@@ -118,3 +118,21 @@ def test_forward_compiles_once_per_bucket():
         batch, _, _ = build(cfg, [size])
         forward(state, {k: jnp.asarray(v) for k, v in batch.items() if k != "labels"})
     assert len(traces) == 1
+
+
+def test_vision_tower_crops_like_a_stride_p_conv_when_the_tile_is_not_a_patch_multiple():
+    """SigLIP-384/14 has 27 patches over 378 px: the last 6 rows/columns never reach a patch."""
+    import dataclasses
+
+    from instit_jax.models.config import get_preset
+    from instit_jax.testing import hf_flax_pair
+
+    base = get_preset("tiny_qwen2")
+    cfg = base.replace(vision=dataclasses.replace(base.vision, image_size=46))  # 3 patches of 14 = 42 px
+    assert cfg.vision.tokens_per_side == 3
+    hf, ours = hf_flax_pair(cfg, seed=3)
+    views = np.random.default_rng(0).normal(size=(2, 46, 46, 3)).astype(np.float32)
+    with torch.no_grad():
+        hidden = hf.model.vision_tower(torch.from_numpy(views.transpose(0, 3, 1, 2).copy()), output_hidden_states=True)
+        expected = hidden.hidden_states[cfg.vision.feature_layer]
+    assert max_diff(ours.image_features(jnp.asarray(views)), expected) < TOL

@@ -81,6 +81,9 @@ class VisionEmbeddings(nnx.Module):
         n = pixels_nhwc.shape[0]
         p, g = self.cfg.patch_size, self.cfg.tokens_per_side
         # (N, g·p, g·p, 3) → (N, g, g, p, p, 3): token t = row·g + col, features in (ky, kx, c) order.
+        # A stride-p VALID conv ignores the last image_size - g·p rows and columns (SigLIP-384/14:
+        # 27 patches cover 378 px), so they are cropped before cutting patches.
+        pixels_nhwc = pixels_nhwc[:, : g * p, : g * p]
         patches = pixels_nhwc.astype(self.dtype).reshape(n, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(n, g * g, p * p * 3)
         kernel = self.patch_kernel[...].astype(self.dtype).reshape(p * p * 3, -1)
