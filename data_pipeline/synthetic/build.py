@@ -192,7 +192,7 @@ def _training(w: _Writer) -> tuple[list, list, list, list]:
         stage2.append(ann.qa_conversation(f"synthetic-image-{i:06d}", "image", f"images_vpt/{i:06d}.jpg", qas,
                                           "image", rng, deck2, STAGE2_FORMATS))
         with_caption = rng.random() < 0.5
-        general = questions.sample_questions(scene, rng, questions.GENERAL_KINDS, 2 if with_caption else 3)
+        general = questions.sample_questions(scene, rng, questions.GENERAL_KINDS, 3 if with_caption else 4)
         caption = (CAPTION_REQUESTS[int(rng.integers(len(CAPTION_REQUESTS)))], text.plain_caption(scene))
         stage1.append(ann.qa_conversation(f"synthetic-general-{i:06d}", "image", f"images_raw/{i:06d}.jpg",
                                           general, "image", rng, deck1, STAGE1_FORMATS,

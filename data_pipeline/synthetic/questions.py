@@ -17,7 +17,8 @@ import numpy as np
 
 from data_pipeline.synthetic import text
 from data_pipeline.synthetic.text import ref, stamp, there_are
-from data_pipeline.synthetic.world import COLORS, REGION_NAMES, SHAPES, SIZE_ORDER, Event, Scene, region_of
+from data_pipeline.synthetic.world import (BACKGROUNDS, COLORS, REGION_NAMES, SHAPES, SIZE_ORDER, Event, Scene,
+                                          region_of)
 
 NUM_CHOICES = 4
 
@@ -211,8 +212,38 @@ def g_size(scene: Scene, rng: np.random.Generator) -> QA | None:
     return QA("g_size", f"What size is the {desc}?", f"The {desc} is {size}.", size, ())
 
 
+def g_background(scene: Scene, rng: np.random.Generator) -> QA | None:
+    bg = scene.background
+    return QA("g_background", "What does the background look like?", f"The background is {bg}.", bg,
+              _distractors(rng, bg, [], list(BACKGROUNDS)))
+
+
+def g_total(scene: Scene, rng: np.random.Generator) -> QA | None:
+    n = len(scene.visible_ids(0))
+    return QA("g_total", "How many objects are there?", f"{there_are(n, 'object')}.", str(n),
+              _number_distractors(rng, n))
+
+
+def g_colors(scene: Scene, rng: np.random.Generator) -> QA | None:
+    """Open-ended only: the colours present, in a fixed order."""
+    present = [c for c in COLORS if any(tr.states[0].color == c for tr in scene.tracks)]
+    listing = text.join_words(present)
+    return QA("g_colors", "What colors do the objects have?", f"The objects are {listing}.", listing, ())
+
+
+def g_has(scene: Scene, rng: np.random.Generator) -> QA | None:
+    """Open-ended only: yes or no."""
+    c = _choose(rng, list(COLORS))
+    if any(tr.states[0].color == c for tr in scene.tracks):
+        return QA("g_has", f"Is there a {c} object?", f"Yes, there is a {c} object.", "yes", ())
+    return QA("g_has", f"Is there a {c} object?", f"No, there is no {c} object.", "no", ())
+
+
+# Whole-image questions (background, how many, which colours) come first in difficulty: they need no
+# object to be singled out, so they are what a vision tower trained from scratch can learn first.
 GENERAL_KINDS: dict[str, tuple[Callable, float]] = {
-    "g_color": (g_color, 3.0), "g_shape": (g_shape, 2.0), "g_position": (g_position, 2.0),
+    "g_background": (g_background, 1.0), "g_total": (g_total, 1.0), "g_colors": (g_colors, 1.5),
+    "g_has": (g_has, 1.5), "g_color": (g_color, 2.0), "g_shape": (g_shape, 1.5), "g_position": (g_position, 1.5),
     "g_size": (g_size, 1.0), "count": (q_count, 1.0),
 }
 

@@ -28,6 +28,11 @@ def there_are(n: int, noun: str) -> str:
     return f"There {'is' if n == 1 else 'are'} {plural(n, noun)}"
 
 
+def join_words(items: list[str]) -> str:
+    """"a", "a and b", "a, b and c"."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
 def noun_phrase(state: ObjectState) -> str:
     return f"{state.size} {state.color} {state.shape}"
 
@@ -62,7 +67,7 @@ def plain_caption(scene: Scene, t: int = 0) -> str:
     """The frame without instance ids (for unmarked images), objects listed left to right."""
     states = sorted((tr.states[t] for tr in scene.tracks if tr.visible(t)), key=lambda s: (s.x, s.y))
     items = [f"a {noun_phrase(s)} {at_region(s, scene.image_size)}" for s in states]
-    listing = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+    listing = join_words(items)
     return f"{there_are(len(states), 'object')} on a {scene.background} background: {listing}."
 
 
