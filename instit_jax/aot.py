@@ -49,10 +49,7 @@ def abstract_batch(trainer: Any, rows: int, length: int, views: int) -> dict[str
     import jax
     import numpy as np
 
-    v = trainer.model_cfg.vision
-    # The pixels the patch embedding reads: g·p (378 for SigLIP-384/14, whose conv drops the last 6
-    # rows and columns). models/vision.py currently needs exactly g·p; see docs/training_core.md.
-    s = v.tokens_per_side * v.patch_size
+    s = trainer.model_cfg.vision.image_size
     shapes = {k: ((rows, length), np.int32) for k in ("input_ids", "labels", "visual_index", "positions", "segment_ids")}
     shapes["pixels"] = ((rows, views, s, s, 3), np.float32)
     shardings = trainer.batch_shardings()
