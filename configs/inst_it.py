@@ -1,8 +1,9 @@
 """Inst-IT training configs: ``--config=configs/inst_it.py:STAGE[,model=NAME]``.
 
 STAGE is ``align`` (projector only, LCS-558K), ``stage1`` (LLaVA-NeXT single-image instruction tuning),
-``stage2`` (Inst-IT continuous instruction tuning, from stage 1's export) or ``demo`` (both stages on the
-tiny model and small synthetic data, on CPU). NAME is ``vicuna_7b`` (default) or ``qwen2_7b``. Override
+``stage2`` (Inst-IT continuous instruction tuning, from stage 1's export), ``demo`` (both stages of a small
+model on a synthetic world, evaluated on its bench, on CPU) or ``demo_smoke`` (the demo's path on a few scenes
+and steps, for tests). NAME is ``vicuna_7b`` (default) or ``qwen2_7b``. Override
 any field on the command line: ``--config.optimizer.lr=2e-5``, ``--config.data.sources[0].path=/data/x``.
 
 Every value the Inst-IT paper publishes is marked ``published`` in ``config.provenance`` (which mirrors the
@@ -18,7 +19,7 @@ import ml_collections
 from data_pipeline.config import data_config
 from instit_jax.sharding import DEFAULT_RULES
 
-STAGES = ("align", "stage1", "stage2", "demo")
+STAGES = ("align", "stage1", "stage2", "demo", "demo_smoke")
 MODELS = ("vicuna_7b", "qwen2_7b")
 
 # Published dataset sizes (instruction samples), used as mixture weights: "mixed" = drawn in proportion.
@@ -54,10 +55,10 @@ def parse_arg(arg: str | None) -> tuple[str, dict[str, str]]:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     stage, options = parse_arg(arg)
-    if stage == "demo":
+    if stage in ("demo", "demo_smoke"):
         if "model" in options:
-            raise ValueError("the demo runs the tiny model; model= does not apply to it")
-        return demo_config()
+            raise ValueError("the demo runs its own small model; model= does not apply to it")
+        return demo_config(smoke=stage == "demo_smoke")
     return stage_config(stage, options.get("model", "vicuna_7b"))
 
 
@@ -239,45 +240,53 @@ def stage_config(stage: str, model: str) -> ml_collections.ConfigDict:
 # Synthetic world for the demo (data_pipeline.synthetic.WorldParams); its tokenizer sets the vocabulary.
 DEMO_WORLD = dict(seed=0, num_images=400, num_videos=120, bench_images=50, bench_videos=25, max_frames=8,
                   vocab_size=512)
+# `demo_smoke`: the same path through every stage on a world of a few scenes, a few steps each (tests).
+SMOKE_WORLD = dict(DEMO_WORLD, num_images=12, num_videos=4, bench_images=4, bench_videos=2)
 
 
-def demo_stage(stage: str) -> ml_collections.ConfigDict:
-    """One demo stage: the tiny model on a CPU-sized batch, sized to finish both stages in minutes."""
+def demo_stage(stage: str, *, smoke: bool = False) -> ml_collections.ConfigDict:
+    """One demo stage: the demo model (models/config.py:demo_model) on a CPU-sized batch, sized so that
+    world, both stages and both evaluations finish in minutes on 2 CPU cores."""
     config = ml_collections.ConfigDict()
-    stage_fields(config, stage=stage, preset="tiny_vicuna")
+    stage_fields(config, stage=stage, preset="demo")
+    world = SMOKE_WORLD if smoke else DEMO_WORLD
     config.model.overrides = ml_collections.ConfigDict(dict(
-        dtype="float32", param_dtype="float32", scan_layers=True, remat="none", max_frames=DEMO_WORLD["max_frames"],
-        text=dict(vocab_size=DEMO_WORLD["vocab_size"]),
+        # float32 on CPU: bf16 matmuls are no faster there and the tiny model learns better in fp32.
+        dtype="float32", param_dtype="float32", scan_layers=True, remat="none", max_frames=world["max_frames"],
+        text=dict(vocab_size=world["vocab_size"]),
     ))
     sources = [dict(name="synthetic_images", path="datasets/images", weight=1.0)]
-    if stage == "stage2":
+    if stage == "stage2":  # the recipe's mix: Inst-IT data together with the stage-1 data
         sources.append(dict(name="synthetic_inst_it", path="datasets/inst_it", weight=2.0))
     config.data = data_config(
-        sources=sources, seq_len=512, max_views_per_row=8, global_batch_size=8, max_frames=DEMO_WORLD["max_frames"],
+        sources=sources, seq_len=512, max_views_per_row=8, global_batch_size=8, max_frames=world["max_frames"],
         tokenizer="synthetic/tokenizer", template="vicuna_v1",
     )
-    config.optimizer.lr = config.optimizer.projector_lr = 1e-3
-    config.optimizer.vision_lr = 2e-4
-    config.optimizer.total_steps = 60
-    config.train.log_every = 5
-    config.checkpoint.save_every = 20
-    config.checkpoint.keep = 2
+    config.optimizer.lr = config.optimizer.projector_lr = 3e-3
+    config.optimizer.vision_lr = 1e-3
+    config.optimizer.warmup_ratio = 0.1
+    config.optimizer.total_steps = 3 if smoke else (120 if stage == "stage1" else 180)
+    config.train.log_every = 1 if smoke else 10
+    config.checkpoint.save_every = 0  # one checkpoint at the end of the stage (saves cost seconds on CPU)
+    config.checkpoint.keep = 1
     config.metrics.peak_flops_per_device = 0.0
     if stage == "stage1":
         config.init.allow_random = True
     else:
         config.init.from_stage = "stage1"
-        config.optimizer.frozen = [f"{VISION_LAYERS}[0:1]"]  # the tiny tower has 3 layers
+        # The recipe freezes the first 12 of 24 vision layers (and what feeds them): here the first of the 2
+        # layers the demo tower computes, with the patch embeddings and the pre-layernorm.
+        config.optimizer.frozen = ["vision_tower/embeddings", "vision_tower/pre_layrnorm", f"{VISION_LAYERS}[0:1]"]
     return config
 
 
-def demo_config() -> ml_collections.ConfigDict:
+def demo_config(*, smoke: bool = False) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     run_fields(config)
-    config.workdir = "runs/demo"
+    config.workdir = "runs/demo_smoke" if smoke else "runs/demo"
     config.stages = ("stage1", "stage2")
-    config.stage1 = demo_stage("stage1")
-    config.stage2 = demo_stage("stage2")
+    config.stage1 = demo_stage("stage1", smoke=smoke)
+    config.stage2 = demo_stage("stage2", smoke=smoke)
     config.demo = ml_collections.ConfigDict(dict(
         # "module:function" hooks around the stages: `prepare(config, workdir)` runs first (synthetic world +
         # TFRecord datasets under data_dir); `finish(config, workdir, exports)` runs after the last stage with
@@ -287,7 +296,11 @@ def demo_config() -> ml_collections.ConfigDict:
         data_dir="",  # "" = <workdir>/demo_data; the stages' relative data paths resolve against it
         seed=0,
         num_shards=2,
-        world=dict(DEMO_WORLD),
-        eval=dict(batch_size=16, max_new_tokens=128),
+        world=dict(SMOKE_WORLD if smoke else DEMO_WORLD),
+        # Greedy decoding stops at EOS; the world's answers are short, so 48 new tokens never cut one (the
+        # official 128 only costs time on a model that rambles). One sequence and one view bucket: the
+        # eval compiles one prefill and one decode program for all four subsets and both stages.
+        eval=dict(batch_size=8 if smoke else 50, max_new_tokens=8 if smoke else 48,
+                  seq_buckets=[640], view_buckets=[(8 if smoke else 50) * DEMO_WORLD["max_frames"]]),
     ))
     return config

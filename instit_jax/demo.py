@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
 COLUMNS = (("image", "oe"), ("image", "mc"), ("video", "oe"), ("video", "mc"))
+_STARTED: list[float] = []  # when prepare began: finish reports the whole run's wall time
+
+
+def _say(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
 
 
 def world_dir(config: Any) -> str:
@@ -25,15 +31,21 @@ def prepare(config: Any, workdir: str) -> None:
     """Synthetic world + TFRecord datasets under config.data_root (each reused when already built)."""
     from data_pipeline.build import build_dataset
     from data_pipeline.synthetic import make_world
+    from instit_jax.training.state import model_config
 
+    _STARTED[:] = [time.perf_counter()]
+    start = time.perf_counter()
     world = make_world(world_dir(config), **config.demo.world.to_dict())
-    vocab = world.read_manifest()["tokenizer"]["vocab_size"]
+    manifest = world.read_manifest()
+    _say(f"synthetic world {world.root}: {_count_line(manifest)} ({time.perf_counter() - start:.1f} s)")
+    vocab = manifest["tokenizer"]["vocab_size"]
     for stage in config.stages:
-        text = config[stage].model.overrides.get("text", {})
-        if text.get("vocab_size") != vocab:
+        have = model_config(config[stage].model).text.vocab_size
+        if have != vocab:
             raise ValueError(
-                f"config.{stage}.model.overrides.text.vocab_size is {text.get('vocab_size')} but the synthetic "
-                f"tokenizer has {vocab} tokens; set them equal"
+                f"config.{stage}.model: the text vocabulary is {have} (preset {config[stage].model.preset!r} + "
+                f"overrides) but the synthetic tokenizer has {vocab} tokens; set "
+                f"config.{stage}.model.overrides.text.vocab_size={vocab}"
             )
     root = world.root
     datasets = {
@@ -45,11 +57,12 @@ def prepare(config: Any, workdir: str) -> None:
         ),
     }
     for name, inputs in datasets.items():
-        manifest = build_dataset(
+        start = time.perf_counter()
+        built = build_dataset(
             os.path.join(config.data_root, "datasets", name), name=name, num_shards=config.demo.num_shards,
             seed=config.demo.seed, max_frames=config.demo.world.max_frames, **inputs,
         )
-        print(f"[demo] dataset {name}: {_count_line(manifest)}", flush=True)
+        _say(f"dataset {name}: {_count_line(built)} ({time.perf_counter() - start:.1f} s)")
 
 
 def _count_line(manifest: Mapping[str, Any]) -> str:
@@ -63,10 +76,16 @@ def evaluate_export(config: Any, export_dir: str, out_dir: str) -> dict[str, flo
 
     bench = os.path.join(world_dir(config), "bench")
     ev = config.demo.eval
+    # Fixed buckets: every subset (and both stages) share a few shapes, so eval compiles few programs.
+    buckets = []
+    if ev.get("seq_buckets"):
+        buckets += ["--seq_buckets", *map(str, ev.seq_buckets)]
+    if ev.get("view_buckets"):
+        buckets += ["--view_buckets", *map(str, ev.view_buckets)]
     eval_main([
         "run", "--bench_dir", bench, "--checkpoint", export_dir, "--out", out_dir,
         "--formats", "mc", "oe", "--splits", "image", "video",
-        "--batch_size", str(ev.batch_size), "--max_new_tokens", str(ev.max_new_tokens),
+        "--batch_size", str(ev.batch_size), "--max_new_tokens", str(ev.max_new_tokens), *buckets,
     ])
     scores, results = {}, []
     for split, fmt in COLUMNS:
@@ -99,10 +118,14 @@ def finish(config: Any, workdir: str, exports: Mapping[str, str]) -> dict[str, A
     """Evaluate each stage's export, print the table and, last, one JSON line with the final scores."""
     rows = {}
     for stage, export_dir in exports.items():
-        print(f"[demo] evaluating {stage} ({export_dir})", flush=True)
+        start = time.perf_counter()
+        _say(f"evaluating {stage} ({export_dir})")
         rows[stage] = evaluate_export(config, export_dir, os.path.join(workdir, "eval", stage))
+        _say(f"evaluated {stage} ({time.perf_counter() - start:.1f} s)")
     final_stage = list(exports)[-1]
     summary = {**rows[final_stage], "stage": final_stage, "by_stage": rows}
+    if _STARTED:
+        summary["seconds"] = round(time.perf_counter() - _STARTED[0], 1)
     with open(os.path.join(workdir, "demo_scores.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
     print(score_table(rows), flush=True)

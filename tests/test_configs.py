@@ -57,10 +57,11 @@ def test_every_stage_and_model_builds_a_trainer(stage, model):
     assert config.provenance.optimizer.lr.startswith("default")
 
 
-def test_demo_has_both_stages_on_the_tiny_model():
-    config = get_config("demo")
+@pytest.mark.parametrize("arg", ["demo", "demo_smoke"])
+def test_demo_has_both_stages_on_the_demo_model(arg):
+    config = get_config(arg)
     assert tuple(config.stages) == ("stage1", "stage2")
-    assert config.stage1.model.preset == config.stage2.model.preset == "tiny_vicuna"
+    assert config.stage1.model.preset == config.stage2.model.preset == "demo"
     assert config.stage1.init.allow_random and config.stage2.init.from_stage == "stage1"
     assert {"prepare", "finish", "data_dir"} <= set(config.demo)
 
