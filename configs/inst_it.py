@@ -238,8 +238,8 @@ def stage_config(stage: str, model: str) -> ml_collections.ConfigDict:
 
 
 # Synthetic world for the demo (data_pipeline.synthetic.WorldParams); its tokenizer sets the vocabulary.
-DEMO_WORLD = dict(seed=0, num_images=400, num_videos=120, bench_images=50, bench_videos=25, max_frames=8,
-                  vocab_size=512)
+DEMO_WORLD = dict(seed=0, num_images=400, num_videos=120, bench_images=50, bench_videos=25, image_size=224,
+                  max_frames=8, vocab_size=512)
 # `demo_smoke`: the same path through every stage on a world of a few scenes, a few steps each (tests).
 SMOKE_WORLD = dict(DEMO_WORLD, num_images=12, num_videos=4, bench_images=4, bench_videos=2)
 
