@@ -33,36 +33,6 @@ SEARCH = {
     "v5p-64": [((1, 64, 1), 1), ((1, 64, 1), 2), ((1, 32, 2), 2), ((1, 32, 2), 4), ((1, 16, 4), 4), ((1, 16, 4), 8)],
     "v5e-256": [((1, 128, 2), 1), ((1, 64, 4), 1), ((1, 64, 4), 2), ((1, 32, 8), 2), ((1, 32, 8), 4)],
 }
-# Shown when no recorded layout fits a topology (smallest measured temporaries so far).
-CLOSEST = {"v5e-256": ((1, 64, 4), 2)}
-
-
-def blockwise_attention(q_bthd, k_bskd, v_bskd, bias_bts, *, scale, dtype, block=512):
-    """A proposed decoder attention for long training rows (not in the model yet; patched in with
-    --attention blocks to measure it): query blocks of `block` rows, each under its own
-    jax.checkpoint, so backward keeps (block × T) scores per block instead of (T × T) per layer.
-    Same math as models/layers.py:attention (scores in the activation dtype, fp32 mask+softmax)."""
-    import jax
-
-    from instit_jax.models.layers import attention
-
-    t = q_bthd.shape[1]
-    if bias_bts is None or t <= block or t % block:
-        return attention(q_bthd, k_bskd, v_bskd, bias_bts, scale=scale, dtype=dtype)
-
-    @jax.checkpoint
-    def one(q_b, bias_b):
-        return attention(q_b, k_bskd, v_bskd, bias_b, scale=scale, dtype=dtype)
-
-    outs = [one(q_bthd[:, i:i + block], bias_bts[:, i:i + block]) for i in range(0, t, block)]
-    return jax.numpy.concatenate(outs, axis=1)
-
-
-def patch_attention(variant: str) -> None:
-    if variant == "blocks":
-        from instit_jax.models import llm
-
-        llm.attention = blockwise_attention
 
 
 def stage2_config(model: str, layout: str | None, mesh=None, grad_accum=None):
@@ -98,11 +68,8 @@ def main() -> None:
     ap.add_argument("--models", default="vicuna_7b,qwen2_7b")
     ap.add_argument("--topologies", default="v5p-64,v5e-256")
     ap.add_argument("--search", action="store_true", help="try SEARCH candidates instead of the recorded layouts")
-    ap.add_argument("--attention", choices=("model", "blocks"), default="model",
-                    help="blocks: patch in blockwise_attention (a proposed model change) to measure it")
     ap.add_argument("--only", default=None, help="one candidate 'data,fsdp,tensor,accum' instead of a layout")
     args = ap.parse_args()
-    patch_attention(args.attention)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
     from instit_jax.training.layouts import layout_name
@@ -120,14 +87,9 @@ def main() -> None:
                     if report["fits"]:
                         break
             else:
-                try:
-                    name = layout_name(model, topo)
-                except KeyError:  # nothing recorded fits: show the closest candidate
-                    mesh, accum = CLOSEST[topo]
-                    report = run_one(model, topo, stage2_config(model, None, mesh, accum))
-                else:
-                    report = run_one(model, topo, stage2_config(model, name))
-                    report["layout"] = name
+                name = layout_name(model, topo)
+                report = run_one(model, topo, stage2_config(model, name))
+                report["layout"] = name
             results.setdefault(model, {})[topo] = report
     summary = {
         m: {t: {"layout": r.get("layout"), "mesh": r["mesh"], "grad_accum_steps": r["batch"]["grad_accum_steps"],
@@ -136,7 +98,6 @@ def main() -> None:
             for t, r in by_topo.items()}
         for m, by_topo in results.items()
     }
-    summary["attention"] = args.attention
     summary["all_fit"] = all(r["fits"] for by_topo in results.values() for r in by_topo.values())
     print(json.dumps(summary))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -25,3 +26,63 @@ def test_causal_blocks_equal_full_attention_on_real_rows(t, block):
     diff = np.abs(np.asarray(full) - np.asarray(blocked))[real]
     assert diff.max() < 1e-5
     assert blocked.shape == full.shape
+
+
+def _grad_inputs(t: int):
+    rng = np.random.default_rng(7)
+    b, h, kh, d = 1, 4, 2, 16
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.float32) for n in (h, kh, kh))
+    seg = np.ones((b, t), np.int32)
+    seg[0, t // 3 :] = 2
+    w = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
+    return (q, k, v), segment_causal_bias(jnp.asarray(seg)), w
+
+
+def _loss(attn, **kw):
+    def f(qkv, bias, w):
+        return (attn(*qkv, bias, scale=0.25, dtype=jnp.float32, **kw) * w).sum()
+    return f
+
+
+def test_block_remat_keeps_values_and_gradients():
+    qkv, bias, w = _grad_inputs(600)
+    want = jax.grad(_loss(attention))(qkv, bias, w)
+    for remat in (False, True):
+        got = jax.grad(_loss(causal_attention, block=128, remat_blocks=remat))(qkv, bias, w)
+        for g_want, g_got in zip(want, got):
+            np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_want), atol=1e-4, rtol=1e-4)
+
+
+def test_block_remat_saves_no_scores_for_backward():
+    """The point of remat_blocks: the backward pass no longer keeps every block's scores alive at once,
+    read from what JAX saves between the forward and backward passes (platform-independent)."""
+    t, block = 1024, 128
+    qkv, bias, w = _grad_inputs(t)
+    scores = 4 * t * t // 2 * 4  # B·H·T²/2 float32 probabilities, what a causal layer would keep
+
+    def saved_bytes(remat: bool) -> int:
+        f = _loss(causal_attention, block=block, remat_blocks=remat)
+        _, backward = jax.vjp(f, qkv, bias, w)  # a Partial whose leaves are the saved residuals
+        return sum(leaf.nbytes for leaf in jax.tree.leaves(backward))
+
+    kept, recomputed = saved_bytes(False), saved_bytes(True)
+    assert kept > scores, (kept, scores)
+    assert kept - recomputed > 0.9 * scores, (kept, recomputed, scores)
+
+
+def test_v5e_layout_turns_on_block_remat_in_the_decoder():
+    import ml_collections
+    from flax import nnx
+
+    from instit_jax.models.config import get_preset
+    from instit_jax.models.llava_next import LlavaNext
+    from instit_jax.training.layouts import FOR_MODEL, LAYOUTS, apply_layout
+
+    assert set(FOR_MODEL.values()) <= set(LAYOUTS)
+    config = ml_collections.ConfigDict(dict(mesh=dict(data=1, fsdp=1, tensor=1), train=dict(grad_accum_steps=1),
+                                            model=dict(overrides=dict())))
+    apply_layout(config, FOR_MODEL[("qwen2_7b", "v5e-256")])
+    assert config.model.overrides.remat_attention and config.mesh.tensor == 8
+    cfg = get_preset("tiny_vicuna").replace(**config.model.overrides.to_dict())
+    model = nnx.eval_shape(lambda: LlavaNext(cfg, rngs=nnx.Rngs(0)))
+    assert model.language_model.layers.stacked.self_attn.remat_blocks

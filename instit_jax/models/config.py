@@ -116,6 +116,8 @@ class LlavaNextConfig:
     vision_dtype: str | None = None  # None = dtype; Inst-IT inference runs the tower in float16
     scan_layers: bool = True
     remat: Literal["none", "full", "dots"] = "none"
+    # Recompute each causal query block's attention scores in the backward pass (layers.causal_attention).
+    remat_attention: bool = False
 
     @property
     def pooled_side(self) -> int:

@@ -72,7 +72,8 @@ class LlavaNext(nnx.Module):
         std = 1.0 / float(np.sqrt(cfg.text.hidden_size))  # LLaVA's init scale for the newline
         self.image_newline = param(jax.random.normal(rngs.params(), (cfg.text.hidden_size,), param_dtype) * std, ("embed",))
         self.language_model = Decoder(
-            cfg.text, dtype=dtype, param_dtype=param_dtype, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs
+            cfg.text, dtype=dtype, param_dtype=param_dtype, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs,
+            remat_attention=cfg.remat_attention,
         )
 
     # ------------------------------------------------------------------ vision side

@@ -56,7 +56,8 @@ class KVCache(NamedTuple):
 
 
 class DecoderAttention(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs,
+                 remat_blocks: bool = False):
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         if h % kv:
             raise ValueError(f"{h} query heads are not a multiple of {kv} KV heads")
@@ -67,6 +68,7 @@ class DecoderAttention(nnx.Module):
         self.o_proj = Linear((h, hd), d, axes=("heads", "kv", "embed"), use_bias=False, **common)
         self.scale = hd**-0.5
         self.dtype = dtype
+        self.remat_blocks = remat_blocks
 
     def __call__(
         self,
@@ -83,7 +85,8 @@ class DecoderAttention(nnx.Module):
         v = self.v_proj(x_btd)
         if cache is None:
             # Full sequence: the bias is segment-causal, so the upper triangle can be skipped.
-            return self.o_proj(causal_attention(q, k, v, bias_bts, scale=self.scale, dtype=self.dtype)), None
+            return self.o_proj(causal_attention(
+                q, k, v, bias_bts, scale=self.scale, dtype=self.dtype, remat_blocks=self.remat_blocks)), None
         # Write this step's keys/values at [layer, :, :, cache_index:], attend over the whole buffer.
         at = (layer_index, 0, 0, cache_index, 0)
         k_new, v_new = k.transpose(0, 2, 1, 3)[None], v.transpose(0, 2, 1, 3)[None]
@@ -109,10 +112,12 @@ class DecoderMLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs,
+                 remat_attention: bool = False):
         norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
-        self.self_attn = DecoderAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = DecoderAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                          remat_blocks=remat_attention)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
         self.mlp = DecoderMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -152,13 +157,15 @@ class Decoder(nnx.Module):
     """Token embedding, decoder layers, final norm and LM head."""
 
     def __init__(
-        self, cfg: TextConfig, *, dtype: Any, param_dtype: Any, scan: bool, remat: str, rngs: nnx.Rngs
+        self, cfg: TextConfig, *, dtype: Any, param_dtype: Any, scan: bool, remat: str, rngs: nnx.Rngs,
+        remat_attention: bool = False,
     ):
         self.cfg, self.dtype, self.scan, self.remat = cfg, dtype, scan, remat
         init = jax.nn.initializers.normal(0.02)
         self.embed_tokens = param(init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype), ("vocab", "embed"))
         self.layers = LayerStack(
-            lambda r: DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), cfg.num_layers, rngs=rngs
+            lambda r: DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r, remat_attention=remat_attention),
+            cfg.num_layers, rngs=rngs
         )
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.lm_head = (

@@ -20,22 +20,22 @@ LAYOUTS: dict[str, dict[str, Any]] = {
         "grad_accum_steps": 2,
         "model_overrides": {"remat": "full", "scan_layers": True},
     },
-    # v5e-256 (v5e:16x16, 16 GiB/chip): fsdp 32 × tensor 8, 4 micro-batches of 32 rows. Fits only with
-    # a blockwise decoder attention (per-query-block remat), which the model does not have yet:
-    # qwen2_7b 14.2 GiB per chip measured with benchmarks/aot_7b.py --attention blocks; vicuna_7b
-    # not measured. With the model's attention no tried setting fits (docs/training_core.md).
-    "v5e-256-blockwise": {
+    # v5e-256 (v5e:16x16, 16 GiB/chip): fsdp 32 × tensor 8, 4 micro-batches of 32 rows, and the decoder's
+    # causal attention recomputing each query block in the backward pass (remat_attention); without
+    # that no tried setting fits (docs/training_core.md, "7B results").
+    "v5e-256": {
         "mesh": {"data": 1, "fsdp": 32, "tensor": 8},
         "grad_accum_steps": 4,
-        "model_overrides": {"remat": "full", "scan_layers": True},
-        "requires": "blockwise decoder attention (benchmarks/aot_7b.py:blockwise_attention)",
+        "model_overrides": {"remat": "full", "scan_layers": True, "remat_attention": True},
     },
 }
 
-# (model preset, topology) -> layout name for the model as it is. v5e-256 has none: see above.
+# (model preset, topology) -> layout name.
 FOR_MODEL: dict[tuple[str, str], str] = {
     ("vicuna_7b", "v5p-64"): "v5p-64",
     ("qwen2_7b", "v5p-64"): "v5p-64",
+    ("vicuna_7b", "v5e-256"): "v5e-256",
+    ("qwen2_7b", "v5e-256"): "v5e-256",
 }
 
 
