@@ -7,6 +7,8 @@ its softmax in float32. Every parameter carries logical axis names for rule-base
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -67,9 +69,13 @@ class Linear(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        n_in = len(self.in_shape)
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), self.kernel[...].astype(self.dtype), (contract, ((), ())))
+        # One 2-D matmul, (rows, in) @ (in, out): XLA:CPU lowers the weight gradient of a batched
+        # (b, t, d) contraction with materialised operand transposes; flat rows make the MLP's
+        # forward+backward ~30% faster there (the same reshapes are free on TPU).
+        lead = x.shape[: x.ndim - len(self.in_shape)]
+        n_in, n_out = math.prod(self.in_shape), math.prod(self.out_shape)
+        kernel = self.kernel[...].astype(self.dtype).reshape(n_in, n_out)
+        y = (x.astype(self.dtype).reshape(-1, n_in) @ kernel).reshape(*lead, *self.out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
