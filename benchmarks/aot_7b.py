@@ -37,14 +37,12 @@ SEARCH = {
 
 def stage2_config(model: str, layout: str | None, mesh=None, grad_accum=None):
     from configs.inst_it import get_config
-    from instit_jax.training.layouts import apply_layout
 
-    config = get_config(f"stage2,model={model}")
+    # The layout goes through the config argument, as a run selects it (configs/inst_it.py).
+    config = get_config(f"stage2,model={model}" + (f",layout={layout}" if layout else ""))
     config.data.global_batch_size = GLOBAL_BATCH
     config.data.seq_len = SEQ_LEN
     config.optimizer.total_steps = 1000
-    if layout is not None:
-        apply_layout(config, layout)
     if mesh is not None:
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
         config.train.grad_accum_steps = grad_accum

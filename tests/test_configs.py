@@ -191,3 +191,19 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     assert checkpoint_steps(stage) == list(range(1, bad))[-3:]  # keep=3; never the bad step
     assert sorted(logged_steps(stage)) == list(range(1, bad))  # the good steps were logged
     assert not os.path.exists(os.path.join(stage, "export"))
+
+
+@pytest.mark.parametrize("model", ["vicuna_7b", "qwen2_7b"])
+@pytest.mark.parametrize("layout", ["v5p-64", "v5e-256"])
+def test_layout_option_applies_the_measured_tpu_settings(model, layout):
+    from instit_jax.training.layouts import LAYOUTS, layout_name
+
+    assert layout_name(model, layout) == layout  # every preset has a layout on both slices
+    config = get_config(f"stage2,model={model},layout={layout}")
+    want = LAYOUTS[layout]
+    assert dict(config.mesh) == {**dict(config.mesh), **want["mesh"]}
+    assert config.train.grad_accum_steps == want["grad_accum_steps"]
+    for key, value in want["model_overrides"].items():
+        assert config.model.overrides[key] == value
+    with pytest.raises(KeyError, match="unknown layout"):
+        get_config(f"stage2,model={model},layout=v4-8")
