@@ -71,7 +71,8 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         # One 2-D matmul, (rows, in) @ (in, out): XLA:CPU lowers the weight gradient of a batched
         # (b, t, d) contraction with materialised operand transposes; flat rows make the MLP's
-        # forward+backward ~30% faster there (the same reshapes are free on TPU).
+        # forward+backward ~30% faster there. On TPU the 7B stage-2 step then needs more temporaries
+        # (v5p-64: 78 -> 84/88 GiB of 95, still fitting; docs/training_core.md).
         lead = x.shape[: x.ndim - len(self.in_shape)]
         n_in, n_out = math.prod(self.in_shape), math.prod(self.out_shape)
         kernel = self.kernel[...].astype(self.dtype).reshape(n_in, n_out)

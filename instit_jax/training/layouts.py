@@ -14,7 +14,8 @@ from typing import Any
 # name -> {"mesh": {data, fsdp, tensor}, "grad_accum_steps": int, "model_overrides": {...}}
 LAYOUTS: dict[str, dict[str, Any]] = {
     # v5p-64 (v5p:4x4x4, 95 GiB/chip): pure FSDP, 2 micro-batches of 64 rows (1 row per chip each).
-    # vicuna_7b 77.7 GiB, qwen2_7b 78.5 GiB per chip; one micro-batch (2 rows/chip) needs 150 GiB.
+    # vicuna_7b 87.5 GiB, qwen2_7b 83.7 GiB per chip (77.7 / 78.5 before Linear became one flat matmul);
+    # one micro-batch (2 rows/chip) needs 150 GiB.
     "v5p-64": {
         "mesh": {"data": 1, "fsdp": 64, "tensor": 1},
         "grad_accum_steps": 2,
