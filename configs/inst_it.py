@@ -60,7 +60,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     stage, options = parse_arg(arg)
     if stage in ("demo", "demo_smoke"):
         if options:
-            raise ValueError(f"the demo runs its own small model on CPU; {', '.join(options)}= does not apply to it")
+            given = ", ".join(f"{key}=" for key in options)
+            raise ValueError(f"the demo runs its own small model on CPU; {given} does not apply to it")
         return demo_config(smoke=stage == "demo_smoke")
     config = stage_config(stage, options.get("model", "vicuna_7b"))
     if "layout" in options:  # mesh, accumulation and memory settings measured to fit a TPU slice
@@ -287,6 +288,8 @@ def demo_stage(stage: str, *, smoke: bool = False) -> ml_collections.ConfigDict:
 
 
 def demo_config(*, smoke: bool = False) -> ml_collections.ConfigDict:
+    world = SMOKE_WORLD if smoke else DEMO_WORLD
+    eval_batch = 8 if smoke else 50
     config = ml_collections.ConfigDict()
     run_fields(config)
     config.workdir = "runs/demo_smoke" if smoke else "runs/demo"
@@ -302,11 +305,11 @@ def demo_config(*, smoke: bool = False) -> ml_collections.ConfigDict:
         data_dir="",  # "" = <workdir>/demo_data; the stages' relative data paths resolve against it
         seed=0,
         num_shards=2,
-        world=dict(SMOKE_WORLD if smoke else DEMO_WORLD),
+        world=dict(world),
         # Greedy decoding stops at EOS; the world's answers are short, so 48 new tokens never cut one (the
         # official 128 only costs time on a model that rambles). One sequence and one view bucket: the
         # eval compiles one prefill and one decode program for all four subsets and both stages.
-        eval=dict(batch_size=8 if smoke else 50, max_new_tokens=8 if smoke else 48,
-                  seq_buckets=[640], view_buckets=[(8 if smoke else 50) * DEMO_WORLD["max_frames"]]),
+        eval=dict(batch_size=eval_batch, max_new_tokens=8 if smoke else 48,
+                  seq_buckets=[640], view_buckets=[eval_batch * world["max_frames"]]),
     ))
     return config

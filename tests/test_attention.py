@@ -71,18 +71,15 @@ def test_block_remat_saves_no_scores_for_backward():
 
 
 def test_v5e_layout_turns_on_block_remat_in_the_decoder():
-    import ml_collections
+    """The layout's override reaches every decoder attention (tests/test_configs.py checks the layout itself)."""
     from flax import nnx
 
+    from configs.inst_it import get_config
     from instit_jax.models.config import get_preset
     from instit_jax.models.llava_next import LlavaNext
-    from instit_jax.training.layouts import FOR_MODEL, LAYOUTS, apply_layout
 
-    assert set(FOR_MODEL.values()) <= set(LAYOUTS)
-    config = ml_collections.ConfigDict(dict(mesh=dict(data=1, fsdp=1, tensor=1), train=dict(grad_accum_steps=1),
-                                            model=dict(overrides=dict())))
-    apply_layout(config, FOR_MODEL[("qwen2_7b", "v5e-256")])
-    assert config.model.overrides.remat_attention and config.mesh.tensor == 8
-    cfg = get_preset("tiny_vicuna").replace(**config.model.overrides.to_dict())
+    overrides = get_config("stage2,model=qwen2_7b,layout=v5e-256").model.overrides
+    assert overrides.remat_attention
+    cfg = get_preset("tiny_vicuna").replace(**{k: overrides[k] for k in ("remat", "scan_layers", "remat_attention")})
     model = nnx.eval_shape(lambda: LlavaNext(cfg, rngs=nnx.Rngs(0)))
     assert model.language_model.layers.stacked.self_attn.remat_blocks

@@ -8,7 +8,6 @@ its softmax in float32. Every parameter carries logical axis names for rule-base
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable, Sequence
 from typing import Any
 
