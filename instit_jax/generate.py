@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from instit_jax.models.llava_next import LlavaNext
-from instit_jax.models.llm import KVCache
+from instit_jax.models.llm import DecodeCache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,9 +86,11 @@ def _generate(graphdef: nnx.GraphDef, state: nnx.State, inputs: dict[str, jax.Ar
     batch, prompt_len = inputs["input_ids"].shape
     total = prompt_len + cfg.max_new_tokens
     embeds = model.embed_inputs(inputs["input_ids"], inputs["pixels"], inputs["visual_index"])
-    cache = KVCache.zeros(lm.cfg, batch, total, model.dtype)
+    cache = DecodeCache.zeros(lm.cfg, batch, prompt_len, cfg.max_new_tokens, model.dtype)
     key_valid = jnp.zeros((batch, total), bool).at[:, :prompt_len].set(inputs["segment_ids"] != 0)
-    h, cache = lm.cached_hidden_states(embeds, inputs["positions"], key_valid, cache, 0)
+    # Per-layer weights sliced once here: a layer scan inside the decode loop would copy them every step.
+    layers = lm.layers.unstack()
+    h, cache = lm.cached_hidden_states(embeds, inputs["positions"], key_valid, cache, 0, layers)
     rng = jax.random.key(cfg.seed)
     rng, sub = jax.random.split(rng)
     token = _select(lm.logits(h[:, -1]), sub, cfg)
@@ -107,7 +109,7 @@ def _generate(graphdef: nnx.GraphDef, state: nnx.State, inputs: dict[str, jax.Ar
         slot = prompt_len + step
         key_valid = jax.lax.dynamic_update_slice_in_dim(key_valid, jnp.ones((batch, 1), bool), slot, axis=1)
         x = lm.embed(token[:, None])
-        h, cache = lm.cached_hidden_states(x, (next_position + step)[:, None], key_valid, cache, slot)
+        h, cache = lm.cached_hidden_states(x, (next_position + step)[:, None], key_valid, cache, slot, layers)
         rng, sub = jax.random.split(rng)
         token = _select(lm.logits(h[:, 0]), sub, cfg)
         return step + 1, token, out, done, cache, key_valid, rng

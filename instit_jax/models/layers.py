@@ -151,20 +151,34 @@ def attention_heads_first(
     *,
     scale: float,
     dtype: Any,
+    extra: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """`attention` with keys/values already laid out (B, kv_heads, S, head_dim), as the KV cache is.
 
-    The r query heads that share a KV head are folded into the query axis.
+    The r query heads that share a KV head are folded into the query axis. `extra` = (k_bknd, v_bknd,
+    bias_btn): N more keys after the S (a decode step's own, attended before they are written into the
+    cache, so the write can be the buffer's last use and happen in place).
     """
     b, t, h, d = q_bthd.shape
-    k_heads, s = k_bksd.shape[1], k_bksd.shape[2]
+    k_heads = k_bksd.shape[1]
     r = h // k_heads
     q_bkqd = q_bthd.reshape(b, t, k_heads, r, d).transpose(0, 2, 3, 1, 4).reshape(b, k_heads, r * t, d)
-    s_bkqs = (jnp.einsum("bkqd,bksd->bkqs", q_bkqd, k_bksd) * jnp.asarray(scale, dtype)).astype(jnp.float32)
-    if bias_bts is not None:
-        s_bkqs = (s_bkqs.reshape(b, k_heads, r, t, s) + bias_bts[:, None, None]).reshape(b, k_heads, r * t, s)
+
+    def scores(k, bias):
+        s_bkqs = (jnp.einsum("bkqd,bksd->bkqs", q_bkqd, k) * jnp.asarray(scale, dtype)).astype(jnp.float32)
+        if bias is None:
+            return s_bkqs
+        n = k.shape[2]
+        return (s_bkqs.reshape(b, k_heads, r, t, n) + bias[:, None, None]).reshape(b, k_heads, r * t, n)
+
+    s_bkqs = scores(k_bksd, bias_bts)
+    if extra is not None:
+        s_bkqs = jnp.concatenate([s_bkqs, scores(extra[0], extra[2])], axis=-1)
     p_bkqs = jax.nn.softmax(s_bkqs, axis=-1).astype(dtype)
-    o_bkqd = jnp.einsum("bkqs,bksd->bkqd", p_bkqs, v_bksd)
+    s = k_bksd.shape[2]
+    o_bkqd = jnp.einsum("bkqs,bksd->bkqd", p_bkqs[..., :s], v_bksd)
+    if extra is not None:
+        o_bkqd = o_bkqd + jnp.einsum("bkqn,bknd->bkqd", p_bkqs[..., s:], extra[1])
     return o_bkqd.reshape(b, k_heads, r, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
@@ -239,6 +253,12 @@ class LayerStack(nnx.Module):
         self.num_layers = num_layers
         self.stacked = create(rngs)
 
+    def unstack(self) -> list[nnx.State]:
+        """Each layer's weights as separate arrays. A decode loop slices them once, before the loop:
+        slicing the stacked arrays inside it copies every layer's weights on every step."""
+        _, state = nnx.split(self.stacked)
+        return [jax.tree.map(lambda a, i=i: a[i], state) for i in range(self.num_layers)]
+
     def __call__(
         self,
         carry: Any,
@@ -246,6 +266,7 @@ class LayerStack(nnx.Module):
         num: int | None = None,
         scan: bool = True,
         remat: str = "none",
+        unstacked: Sequence[nnx.State] | None = None,
     ) -> Any:
         """Runs layers [0, num) as carry = layer(carry, layer_index, *args).
 
@@ -256,6 +277,10 @@ class LayerStack(nnx.Module):
         if num == 0:
             return carry
         graphdef, state = nnx.split(self.stacked)
+        if unstacked is not None:  # per-layer weights sliced once by the caller (see `unstack`)
+            for i, layer_state in enumerate(unstacked[:num]):
+                carry = nnx.merge(graphdef, layer_state)(carry, i, *args)
+            return carry
         if num < self.num_layers:
             state = jax.tree.map(lambda a: a[:num], state)
 

@@ -7,6 +7,7 @@ padding (id 0). An unpacked batch is the special case segment_ids = attention_ma
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -40,19 +41,34 @@ def apply_rope(x_bthd: jax.Array, cos_btd: jax.Array, sin_btd: jax.Array) -> jax
     return x_bthd * cos_btd[:, :, None] + rotated * sin_btd[:, :, None]
 
 
-class KVCache(NamedTuple):
-    """Keys (after RoPE) and values of every layer: (layers, B, kv_heads, T, head_dim) each.
+class DecodeCache(NamedTuple):
+    """The KV cache of a generation with unrolled layers (`LayerStack.unstack`): per-layer tuples of
+    (B, kv_heads, slots, head_dim) buffers, the prompt's P slots apart from the N generated ones.
 
-    Heads before time, as attention consumes them, so a decode step reads the cache without copies.
+    The prefill writes `prompt_*` once; decode steps only read them and write one slot of `new_*`.
+    One buffer per layer holding both made XLA:CPU copy every buffer on every decode step (a buffer
+    that a loop both reads and updates in place gets defensive copies); the small `new_*` buffers
+    are cheap even if copied. Cache slot indices count the prompt first: slot P + i is new slot i.
     """
 
-    k: jax.Array
-    v: jax.Array
+    prompt_k: tuple[jax.Array, ...]
+    prompt_v: tuple[jax.Array, ...]
+    new_k: tuple[jax.Array, ...]
+    new_v: tuple[jax.Array, ...]
 
     @classmethod
-    def zeros(cls, cfg: TextConfig, batch: int, length: int, dtype: Any) -> "KVCache":
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    def zeros(cls, cfg: TextConfig, batch: int, prompt_len: int, new_len: int, dtype: Any) -> "DecodeCache":
+        def bufs(n):
+            return tuple(jnp.zeros((batch, cfg.num_kv_heads, n, cfg.head_dim), dtype) for _ in range(cfg.num_layers))
+        return cls(bufs(prompt_len), bufs(prompt_len), bufs(new_len), bufs(new_len))
+
+    @property
+    def prompt_len(self) -> int:
+        return self.prompt_k[0].shape[2]
+
+
+def _swap(bufs: tuple[jax.Array, ...], index: int, new: jax.Array) -> tuple[jax.Array, ...]:
+    return bufs[:index] + (new,) + bufs[index + 1:]
 
 
 class DecoderAttention(nnx.Module):
@@ -75,10 +91,10 @@ class DecoderAttention(nnx.Module):
         x_btd: jax.Array,
         cos_sin: tuple[jax.Array, jax.Array],
         bias_bts: jax.Array,
-        cache: KVCache | None,
+        cache: DecodeCache | None,
         layer_index: Any,
         cache_index: Any,
-    ) -> tuple[jax.Array, KVCache | None]:
+    ) -> tuple[jax.Array, DecodeCache | None]:
         cos, sin = cos_sin
         q = apply_rope(self.q_proj(x_btd), cos, sin)
         k = apply_rope(self.k_proj(x_btd), cos, sin)
@@ -87,17 +103,32 @@ class DecoderAttention(nnx.Module):
             # Full sequence: the bias is segment-causal, so the upper triangle can be skipped.
             return self.o_proj(causal_attention(
                 q, k, v, bias_bts, scale=self.scale, dtype=self.dtype, remat_blocks=self.remat_blocks)), None
-        # Write this step's keys/values at [layer, :, :, cache_index:], attend over the whole buffer.
-        at = (layer_index, 0, 0, cache_index, 0)
-        k_new, v_new = k.transpose(0, 2, 1, 3)[None], v.transpose(0, 2, 1, 3)[None]
-        cache = KVCache(
-            jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), at),
-            jax.lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), at),
-        )
-        k_bksd = jax.lax.dynamic_index_in_dim(cache.k, layer_index, 0, keepdims=False).astype(self.dtype)
-        v_bksd = jax.lax.dynamic_index_in_dim(cache.v, layer_index, 0, keepdims=False).astype(self.dtype)
-        out = attention_heads_first(q, k_bksd, v_bksd, bias_bts, scale=self.scale, dtype=self.dtype)
+        out, cache = self._cached_attention(q, k, v, bias_bts, cache, layer_index, cache_index)
         return self.o_proj(out), cache
+
+    def _cached_attention(self, q, k, v, bias_bts, cache, layer_index, cache_index):
+        """Attention with a `DecodeCache` (layer_index a Python int). The prefill (cache_index 0, the whole
+        prompt) is causal attention over the prompt and fills the prompt buffers; a decode step writes
+        its slot of the new buffers and attends over the prompt buffers plus the new ones.
+        Returns (output, cache)."""
+        p = cache.prompt_len
+        i = layer_index
+        k_new, v_new = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        if isinstance(cache_index, int) and cache_index == 0:
+            if q.shape[1] != p:
+                raise ValueError(f"a DecodeCache prefill writes the whole prompt: {q.shape[1]} tokens for {p} slots")
+            out = causal_attention(q, k, v, bias_bts[:, :, :p], scale=self.scale, dtype=self.dtype)
+            return out, cache._replace(prompt_k=_swap(cache.prompt_k, i, k_new.astype(cache.prompt_k[i].dtype)),
+                                       prompt_v=_swap(cache.prompt_v, i, v_new.astype(cache.prompt_v[i].dtype)))
+        at = (0, 0, cache_index - p, 0)
+        new_k = jax.lax.dynamic_update_slice(cache.new_k[i], k_new.astype(cache.new_k[i].dtype), at)
+        new_v = jax.lax.dynamic_update_slice(cache.new_v[i], v_new.astype(cache.new_v[i].dtype), at)
+        out = attention_heads_first(
+            q, cache.prompt_k[i].astype(self.dtype), cache.prompt_v[i].astype(self.dtype), bias_bts[:, :, :p],
+            scale=self.scale, dtype=self.dtype,
+            extra=(new_k.astype(self.dtype), new_v.astype(self.dtype), bias_bts[:, :, p:]),
+        )
+        return out, cache._replace(new_k=_swap(cache.new_k, i, new_k), new_v=_swap(cache.new_v, i, new_v))
 
 
 class DecoderMLP(nnx.Module):
@@ -123,12 +154,12 @@ class DecoderLayer(nnx.Module):
 
     def __call__(
         self,
-        carry: tuple[jax.Array, KVCache | None],
+        carry: tuple[jax.Array, DecodeCache | None],
         layer_index: Any,
         cos_sin: tuple[jax.Array, jax.Array],
         bias_bts: jax.Array,
         cache_index: Any,
-    ) -> tuple[jax.Array, KVCache | None]:
+    ) -> tuple[jax.Array, DecodeCache | None]:
         x_btd, cache = carry
         attn, cache = self.self_attn(
             self.input_layernorm(x_btd), cos_sin, bias_bts, cache, layer_index, cache_index
@@ -178,10 +209,11 @@ class Decoder(nnx.Module):
     def embed(self, ids_bt: jax.Array) -> jax.Array:
         return jnp.take(self.embed_tokens[...], ids_bt, axis=0).astype(self.dtype)
 
-    def _run(self, x_btd, positions_bt, bias_bts, cache, cache_index):
+    def _run(self, x_btd, positions_bt, bias_bts, cache, cache_index, layers=None):
         cos_sin = rope_cos_sin(positions_bt, rope_inv_freq(self.cfg), self.dtype)
         x_btd, cache = self.layers(
-            (x_btd.astype(self.dtype), cache), cos_sin, bias_bts, cache_index, scan=self.scan, remat=self.remat
+            (x_btd.astype(self.dtype), cache), cos_sin, bias_bts, cache_index, scan=self.scan, remat=self.remat,
+            unstacked=layers,
         )
         return self.norm(x_btd), cache
 
@@ -195,15 +227,19 @@ class Decoder(nnx.Module):
         x_btd: jax.Array,
         positions_bt: jax.Array,
         key_valid_bs: jax.Array,
-        cache: KVCache,
+        cache: DecodeCache,
         cache_index: Any,
-    ) -> tuple[jax.Array, KVCache]:
+        layers: Sequence[nnx.State] | None = None,
+    ) -> tuple[jax.Array, DecodeCache]:
         """Prefill or decode: the T new tokens occupy cache slots [cache_index, cache_index + T).
 
-        `key_valid_bs` marks the slots holding real tokens (prompt padding stays False).
+        `key_valid_bs` marks the slots holding real tokens (prompt padding stays False). The layers run
+        unrolled; `layers` = `self.layers.unstack()` taken once outside a decode loop (slicing the stacked
+        weights inside it would copy them every step); None slices them here.
         """
         bias = cache_bias(key_valid_bs, cache_index, x_btd.shape[1])
-        return self._run(x_btd, positions_bt, bias, cache, cache_index)
+        return self._run(x_btd, positions_bt, bias, cache, cache_index,
+                         self.layers.unstack() if layers is None else layers)
 
     def logits(self, h_btd: jax.Array) -> jax.Array:
         if self.lm_head is None:
