@@ -82,4 +82,4 @@ def test_v5e_layout_turns_on_block_remat_in_the_decoder():
     assert overrides.remat_attention
     cfg = get_preset("tiny_vicuna").replace(**{k: overrides[k] for k in ("remat", "scan_layers", "remat_attention")})
     model = nnx.eval_shape(lambda: LlavaNext(cfg, rngs=nnx.Rngs(0)))
-    assert model.language_model.layers.stacked.self_attn.remat_blocks
+    assert model.language_model.layers.stacked.self_attn.remat_attention

@@ -73,7 +73,7 @@ def _swap(bufs: tuple[jax.Array, ...], index: int, new: jax.Array) -> tuple[jax.
 
 class DecoderAttention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs,
-                 remat_blocks: bool = False):
+                 remat_attention: bool = False):
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         if h % kv:
             raise ValueError(f"{h} query heads are not a multiple of {kv} KV heads")
@@ -84,7 +84,7 @@ class DecoderAttention(nnx.Module):
         self.o_proj = Linear((h, hd), d, axes=("heads", "kv", "embed"), use_bias=False, **common)
         self.scale = hd**-0.5
         self.dtype = dtype
-        self.remat_blocks = remat_blocks
+        self.remat_attention = remat_attention  # each causal query block under its own checkpoint
 
     def __call__(
         self,
@@ -102,7 +102,7 @@ class DecoderAttention(nnx.Module):
         if cache is None:
             # Full sequence: the bias is segment-causal, so the upper triangle can be skipped.
             return self.o_proj(causal_attention(
-                q, k, v, bias_bts, scale=self.scale, dtype=self.dtype, remat_blocks=self.remat_blocks)), None
+                q, k, v, bias_bts, scale=self.scale, dtype=self.dtype, remat_blocks=self.remat_attention)), None
         out, cache = self._cached_attention(q, k, v, bias_bts, cache, layer_index, cache_index)
         return self.o_proj(out), cache
 
@@ -148,7 +148,7 @@ class DecoderLayer(nnx.Module):
         norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
         self.self_attn = DecoderAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                                          remat_blocks=remat_attention)
+                                          remat_attention=remat_attention)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
         self.mlp = DecoderMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
