@@ -120,3 +120,27 @@ def test_bf16_compute_and_params_track_fp32():
         assert out.dtype == jnp.bfloat16
         err = np.abs(np.asarray(out[0, :n], np.float32) - ref).max()
         assert 0 < err < 0.05 * np.abs(ref).max(), (changes, err)
+
+
+def test_flat_and_batched_linear_agree():
+    """flat_matmul=False (the TPU layouts) computes the same values and gradients as the flat 2-D matmul."""
+    from instit_jax.models.layers import Linear
+
+    cfg = C.get_preset("tiny_qwen2")
+    flat, batched = (LlavaNext(cfg.replace(flat_matmul=f), rngs=nnx.Rngs(0)) for f in (True, False))
+    for model, want in ((flat, True), (batched, False)):
+        linears = [m for _, m in model.iter_modules() if isinstance(m, Linear)]
+        assert linears and all(m.flat is want for m in linears)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 12, cfg.text.hidden_size)), jnp.float32)
+    pos = jnp.tile(jnp.arange(12)[None], (2, 1))
+    seg = jnp.ones((2, 12), jnp.int32)
+    pixels = jnp.asarray(rng.standard_normal((2, cfg.vision.image_size, cfg.vision.image_size, 3)), jnp.float32)
+
+    def loss(model):
+        return (model.language_model(x, pos, seg) ** 2).mean() + (model.image_features(pixels) ** 2).mean()
+
+    (l_flat, g_flat), (l_batched, g_batched) = (nnx.value_and_grad(loss)(m) for m in (flat, batched))
+    assert abs(float(l_flat) - float(l_batched)) <= 1e-6 * abs(float(l_flat))
+    for a, b in zip(jax.tree.leaves(g_flat), jax.tree.leaves(g_batched)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)

@@ -118,6 +118,9 @@ class LlavaNextConfig:
     remat: Literal["none", "full", "dots"] = "none"
     # Recompute each causal query block's attention scores in the backward pass (layers.causal_attention).
     remat_attention: bool = False
+    # Linear layers as one 2-D matmul over flattened rows (faster on XLA:CPU) or as a batched contraction
+    # over (b, t, d) (fewer temporaries in the sharded 7B step on TPU; the TPU layouts turn this off).
+    flat_matmul: bool = True
 
     @property
     def pooled_side(self) -> int:

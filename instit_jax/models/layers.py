@@ -66,16 +66,22 @@ class Linear(nnx.Module):
             if use_bias
             else None
         )
+        self.flat = True  # LlavaNextConfig.flat_matmul sets this on every Linear of a model
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        # One 2-D matmul, (rows, in) @ (in, out): XLA:CPU lowers the weight gradient of a batched
-        # (b, t, d) contraction with materialised operand transposes; flat rows make the MLP's
-        # forward+backward ~30% faster there. On TPU the 7B stage-2 step then needs more temporaries
-        # (v5p-64: 78 -> 84/88 GiB of 95, still fitting; docs/training_core.md).
-        lead = x.shape[: x.ndim - len(self.in_shape)]
-        n_in, n_out = math.prod(self.in_shape), math.prod(self.out_shape)
-        kernel = self.kernel[...].astype(self.dtype).reshape(n_in, n_out)
-        y = (x.astype(self.dtype).reshape(-1, n_in) @ kernel).reshape(*lead, *self.out_shape)
+        if self.flat:
+            # One 2-D matmul, (rows, in) @ (in, out): XLA:CPU lowers the weight gradient of a batched
+            # (b, t, d) contraction with materialised operand transposes; flat rows make the MLP's
+            # forward+backward ~30% faster there. On TPU the 7B stage-2 step then needs more
+            # temporaries (v5p-64: 78 -> 84/88 GiB of 95), hence the batched form below for TPU layouts.
+            lead = x.shape[: x.ndim - len(self.in_shape)]
+            n_in, n_out = math.prod(self.in_shape), math.prod(self.out_shape)
+            kernel = self.kernel[...].astype(self.dtype).reshape(n_in, n_out)
+            y = (x.astype(self.dtype).reshape(-1, n_in) @ kernel).reshape(*lead, *self.out_shape)
+        else:
+            n_in = len(self.in_shape)
+            contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+            y = jax.lax.dot_general(x.astype(self.dtype), self.kernel[...].astype(self.dtype), (contract, ((), ())))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

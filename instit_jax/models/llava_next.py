@@ -75,6 +75,10 @@ class LlavaNext(nnx.Module):
             cfg.text, dtype=dtype, param_dtype=param_dtype, scan=cfg.scan_layers, remat=cfg.remat, rngs=rngs,
             remat_attention=cfg.remat_attention,
         )
+        # One switch for every Linear (a static attribute, so it lives in the graphdef, not in the params).
+        for _, module in self.iter_modules():
+            if isinstance(module, Linear):
+                module.flat = cfg.flat_matmul
 
     # ------------------------------------------------------------------ vision side
 
