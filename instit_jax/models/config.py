@@ -222,8 +222,9 @@ def demo_model() -> LlavaNextConfig:
     """The embedded demo's model (configs/inst_it.py:demo): CLIP + Llama sized for a CPU. 224-px tiles of
     28-px patches (8×8 per view, 4×4 pooled per video frame). At 112 px with 14-px patches the Set-of-Marks
     label box covers most of a small object's patches: a from-scratch model named one marked object's
-    colour at chance after 300 steps, against 43% with 224/28 (chance 20%). Ids follow the synthetic
-    tokenizer (data_pipeline/synthetic/tokenizer.py: <s>=1, </s>=2, <pad>=3, <image>=4, 512 tokens)."""
+    colour at chance after 300 steps, against 43–58% with 224/28 (chance 20%; docs/synthetic.md). Ids
+    follow the synthetic tokenizer (data_pipeline/synthetic/tokenizer.py: <s>=1, </s>=2, <pad>=3,
+    <image>=4, 512 tokens)."""
     vision = dataclasses.replace(
         clip_vit_l_336(), image_size=224, patch_size=28, hidden_size=96, intermediate_size=192, num_layers=3,
         num_heads=4,

@@ -276,19 +276,14 @@ class LayerStack(nnx.Module):
     ) -> Any:
         """Runs layers [0, num) as carry = layer(carry, layer_index, *args).
 
-        The carry is the hidden state, or any pytree holding it (the decoder carries its KV cache
-        along, so a decode step updates the cache in place instead of copying it per layer).
+        The carry is the hidden state, or any pytree holding it (the decoder carries its KV cache).
+        `unstacked`: per-layer weights from `unstack()`, taken once outside a decode loop; the layers
+        then run unrolled on them, as with `scan=False` (which slices them here).
         """
         num = self.num_layers if num is None else num
         if num == 0:
             return carry
         graphdef, state = nnx.split(self.stacked)
-        if unstacked is not None:  # per-layer weights sliced once by the caller (see `unstack`)
-            for i, layer_state in enumerate(unstacked[:num]):
-                carry = nnx.merge(graphdef, layer_state)(carry, i, *args)
-            return carry
-        if num < self.num_layers:
-            state = jax.tree.map(lambda a: a[:num], state)
 
         def body(carry: Any, xs: Any) -> tuple[Any, None]:
             layer_state, index = xs
@@ -296,9 +291,11 @@ class LayerStack(nnx.Module):
 
         if remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
-        if scan:
+        if scan and unstacked is None:
+            if num < self.num_layers:
+                state = jax.tree.map(lambda a: a[:num], state)
             carry, _ = jax.lax.scan(body, carry, (state, jnp.arange(num)))
             return carry
-        for i in range(num):
-            carry, _ = body(carry, (jax.tree.map(lambda a, i=i: a[i], state), i))
+        for i, layer_state in enumerate((self.unstack() if unstacked is None else unstacked)[:num]):
+            carry, _ = body(carry, (layer_state, i))
         return carry
