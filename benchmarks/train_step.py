@@ -161,6 +161,7 @@ def main() -> None:
     from instit_jax.testing import randomize_
     from instit_jax.training import Trainer
     from instit_jax.training.flops import step_flops
+    from instit_jax.training.step import head_positions_run
 
     cfg = fwd.bench_config(args.vocab).replace(scan_layers=not args.no_scan)
     print(f"cores: {os.cpu_count()}  torch threads: {torch.get_num_threads()}  jax {jax.__version__}  "
@@ -216,8 +217,8 @@ def main() -> None:
     gemm = fwd.gemm_roofline(args.gemm_n, args.gemm_runs)
     roof = max(gemm.values())
     print(f"GEMM {args.gemm_n}^3 fp32: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in gemm.items()) + " GFLOP/s")
-    flops = trainer.flops_per_step(batch)
-    parts = {k: v / 1e9 for k, v in step_flops(cfg, batch).items()}
+    flops = trainer.flops_per_step(batch, batch)
+    parts = {k: v / 1e9 for k, v in step_flops(cfg, batch, head_positions_run(batch["labels"], batch["segment_ids"], trainer.loss_chunk)).items()}
     rf = flops / ours_s / roof
     print(f"train FLOPs per step (analytic, ours as run): " + ", ".join(f"{k} {v:.1f} G" for k, v in parts.items()))
     print(f"ours: {flops / ours_s / 1e9:.1f} GFLOP/s = {100 * rf:.1f}% of GEMM roofline {roof / 1e9:.1f} GFLOP/s")

@@ -186,7 +186,7 @@ def run_stage(plan: StagePlan, *, log: Callable[[str], None] = print) -> StageRe
                 batch = trainer.shard_batch(host_batch)
                 if step_fn is None:
                     step_fn = compile_step(trainer, state, batch, stage=name)
-                    logger.flops_per_step = trainer.flops_per_step(batch)
+                logger.flops_per_step = trainer.flops_per_step(batch, host_batch)  # the LM head follows the labels
                 state, metrics = step_fn(state, {k: batch[k] for k in MODEL_KEYS})
                 step += 1
                 logger.record(step, metrics, tokens=count_tokens(batch["segment_ids"]))

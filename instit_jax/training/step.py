@@ -5,8 +5,13 @@ together), so accumulating A micro-batches gives the gradient of one big batch, 
 Labels come unshifted (labels[t] is the token at t, -100 where unsupervised); position t predicts
 labels[t+1] when t+1 is in the same non-padding segment, so packed rows never predict across samples.
 
-The LM head runs in chunks of `loss_chunk` positions under `jax.checkpoint`: the (B, T, vocab) logits
-are never materialised (a 6K×152K float32 row would be 3.7 GB), each chunk is recomputed in backward.
+The LM head runs only where a token is scored, in chunks of `loss_chunk` positions under
+`jax.checkpoint`: the (B, T, vocab) logits are never materialised (a 6K×152K float32 row would be
+3.7 GB) and each chunk is recomputed in backward. Each row's scored positions are moved to its front
+(a stable per-row gather, local under batch sharding), and chunks past the row with the most scored
+positions are skipped by `lax.cond`, forward and backward. Shapes stay static; the work follows the
+labels: an instruction-tuning row of 6K positions with a few hundred supervised answer tokens runs the
+head on one chunk instead of six.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from instit_jax.processing.prompts import IGNORE_INDEX
@@ -31,12 +37,45 @@ def no_constraint(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
 
 
 def next_token_targets(labels_bt: jax.Array, segment_ids_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(targets, valid): position t is scored against labels[t+1] within its segment."""
+    """(targets, valid): position t is scored against labels[t+1] within its segment (jnp or NumPy)."""
+    xp = np if isinstance(labels_bt, np.ndarray) else jnp
     b = labels_bt.shape[0]
-    targets = jnp.concatenate([labels_bt[:, 1:], jnp.full((b, 1), IGNORE_INDEX, labels_bt.dtype)], axis=1)
-    next_seg = jnp.concatenate([segment_ids_bt[:, 1:], jnp.zeros((b, 1), segment_ids_bt.dtype)], axis=1)
+    targets = xp.concatenate([labels_bt[:, 1:], xp.full((b, 1), IGNORE_INDEX, labels_bt.dtype)], axis=1)
+    next_seg = xp.concatenate([segment_ids_bt[:, 1:], xp.zeros((b, 1), segment_ids_bt.dtype)], axis=1)
     valid = (targets >= 0) & (next_seg == segment_ids_bt) & (segment_ids_bt != 0)
-    return jnp.where(valid, targets, 0), valid
+    return xp.where(valid, targets, 0), valid
+
+
+def head_chunks_needed(valid_bt: Any, chunk: int) -> Any:
+    """Chunks of the LM head a batch needs: ⌈most scored positions in a row / chunk⌉ (jnp or NumPy)."""
+    xp = np if isinstance(valid_bt, np.ndarray) else jnp
+    most = xp.max(xp.sum(valid_bt.astype(xp.int32), axis=1), initial=0)
+    return (most + chunk - 1) // chunk
+
+
+def head_positions_run(labels_bt: np.ndarray, segment_ids_bt: np.ndarray, chunk: int, num_micro: int = 1) -> int:
+    """LM-head positions the step computes for this (host) batch: per micro-batch, its rows × the chunks
+    its most-scored row needs (padding of the last chunk included), or every position when one chunk
+    covers the row. Host-side NumPy, for FLOP accounting."""
+    rows, t = labels_bt.shape
+    chunk = max(1, min(chunk, t))
+    if chunk == t:
+        return rows * t
+    _, valid = next_token_targets(np.asarray(labels_bt), np.asarray(segment_ids_bt))
+    return sum(int(head_chunks_needed(valid[a::num_micro], chunk)) * chunk * len(valid[a::num_micro])
+               for a in range(num_micro))
+
+
+def _chunk_loss_fn(logits_fn: Callable[[jax.Array], jax.Array], constrain: Constrain) -> Callable[..., jax.Array]:
+    """Σ −log softmax(logits)[target] over the valid positions of one (B, C) chunk, recomputed in backward."""
+    @jax.checkpoint
+    def chunk_loss(h_bcd: jax.Array, t_bc: jax.Array, v_bc: jax.Array) -> jax.Array:
+        logits_bcv = constrain(logits_fn(h_bcd), ("batch", "length", "act_vocab")).astype(jnp.float32)
+        lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
+        picked_bc = jnp.take_along_axis(logits_bcv, t_bc[..., None], axis=-1)[..., 0]
+        return jnp.sum(jnp.where(v_bc, lse_bc - picked_bc, 0.0))
+
+    return chunk_loss
 
 
 def chunked_cross_entropy(
@@ -51,29 +90,33 @@ def chunked_cross_entropy(
     b, t, d = h_btd.shape
     chunk = max(1, min(chunk, t))
     n = -(-t // chunk)
+    chunk_loss = _chunk_loss_fn(logits_fn, constrain)
+    if n == 1:
+        return chunk_loss(h_btd, targets_bt, valid_bt)
+
+    # Scored positions first in each row (stable, so in sequence order), the rest after them.
+    order_bt = jnp.argsort(jnp.logical_not(valid_bt), axis=1, stable=True)
+    h_btd = constrain(jnp.take_along_axis(h_btd, order_bt[..., None], axis=1), ("batch", "length", "act_embed"))
+    targets_bt = jnp.take_along_axis(targets_bt, order_bt, axis=1)
+    valid_bt = jnp.take_along_axis(valid_bt, order_bt, axis=1)
+    needed = head_chunks_needed(valid_bt, chunk)
+
     pad = n * chunk - t
     if pad:
         h_btd = jnp.pad(h_btd, ((0, 0), (0, pad), (0, 0)))
         targets_bt = jnp.pad(targets_bt, ((0, 0), (0, pad)))
         valid_bt = jnp.pad(valid_bt, ((0, 0), (0, pad)))
 
-    @jax.checkpoint
-    def chunk_loss(h_bcd: jax.Array, t_bc: jax.Array, v_bc: jax.Array) -> jax.Array:
-        logits_bcv = constrain(logits_fn(h_bcd), ("batch", "length", "act_vocab")).astype(jnp.float32)
-        lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
-        picked_bc = jnp.take_along_axis(logits_bcv, t_bc[..., None], axis=-1)[..., 0]
-        return jnp.sum(jnp.where(v_bc, lse_bc - picked_bc, 0.0))
-
-    if n == 1:
-        return chunk_loss(h_btd, targets_bt, valid_bt)
-
     def split(x: jax.Array) -> jax.Array:  # (B, n·C, ...) → (n, B, C, ...)
         return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
 
-    def body(total: jax.Array, xs: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, None]:
-        return total + chunk_loss(*xs), None
+    def body(total: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
+        i, h, tg, v = xs
+        skip = lambda h, tg, v: jnp.zeros((), jnp.float32)  # noqa: E731 (no scored position in this chunk)
+        return total + jax.lax.cond(i < needed, chunk_loss, skip, h, tg, v), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (split(h_btd), split(targets_bt), split(valid_bt)))
+    xs = (jnp.arange(n), split(h_btd), split(targets_bt), split(valid_bt))
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
     return total
 
 

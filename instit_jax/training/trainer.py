@@ -29,7 +29,7 @@ from instit_jax.models.llava_next import LlavaNext
 from instit_jax.training.flops import step_flops
 from instit_jax.training.optimizer import ParamPlan, global_norm, group_peak_lrs, make_optimizer, schedule_shape
 from instit_jax.training.state import TrainState, flat_params, model_config, put_params
-from instit_jax.training.step import MODEL_KEYS, accumulated_grads
+from instit_jax.training.step import MODEL_KEYS, accumulated_grads, head_positions_run
 
 Path = tuple[str, ...]
 DEFAULT_LOSS_CHUNK = 1024
@@ -238,9 +238,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ accounting and export
 
-    def flops_per_step(self, batch_shape: Mapping[str, Any]) -> int:
-        """Analytic training FLOPs of one step on a batch of these shapes (see training/flops.py)."""
-        return step_flops(self.model_cfg, batch_shape)["total"]
+    def flops_per_step(self, batch_shape: Mapping[str, Any], host_batch: Mapping[str, np.ndarray] | None = None) -> int:
+        """Analytic training FLOPs of one step on a batch of these shapes (see training/flops.py).
+
+        With `host_batch` (this process's rows, NumPy) the LM head is counted where the step runs it:
+        exact on one host; with several hosts this host's rows stand for all (the step takes the
+        global maximum of chunks, so it may run more than counted)."""
+        head = None
+        if host_batch is not None:
+            local_rows = len(host_batch["labels"])
+            rows = int(np.shape(batch_shape["input_ids"])[0])
+            head = head_positions_run(host_batch["labels"], host_batch["segment_ids"], self.loss_chunk,
+                                      min(self.grad_accum_steps, local_rows)) * rows // local_rows
+        return step_flops(self.model_cfg, batch_shape, head)["total"]
 
     def export_arrays(self, state: TrainState, dtype: Any = None) -> "ExportedParams":
         """{Flax path: np.ndarray} of the parameters for orbax_io.save_flax, gathered leaf by leaf."""
