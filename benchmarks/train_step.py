@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--image", default="1000x800", help="WxH of every sample's image")
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--seq-bucket", type=int, default=128)
-    ap.add_argument("--loss-chunk", type=int, default=1024)
+    ap.add_argument("--loss-chunk", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--no-scan", action="store_true", help="unroll the layer stacks (scan_layers=False)")
     ap.add_argument("--gemm-n", type=int, default=3072)

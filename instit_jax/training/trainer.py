@@ -4,7 +4,7 @@ Config sections read (ml_collections ConfigDict):
   model      preset, overrides (dict; dtype/remat/scan_layers/...; param_dtype is forced to float32)
   optimizer  lr, vision_lr, projector_lr, warmup_ratio, schedule, weight_decay, b1, b2, eps,
              clip_norm, frozen, total_steps [, no_decay, mu_dtype]
-  train      grad_accum_steps [, loss_chunk (LM-head positions per chunk, default 1024)]
+  train      grad_accum_steps [, loss_chunk (LM-head positions per chunk, default 256)]
   sharding   rules ([logical name, mesh axis | None | [axes]]; default sharding.DEFAULT_RULES)
 The mesh is made by the caller (`instit_jax.sharding.make_mesh(config.mesh)`).
 """
@@ -32,7 +32,7 @@ from instit_jax.training.state import TrainState, flat_params, model_config, put
 from instit_jax.training.step import MODEL_KEYS, accumulated_grads, head_positions_run
 
 Path = tuple[str, ...]
-DEFAULT_LOSS_CHUNK = 1024
+DEFAULT_LOSS_CHUNK = 256
 
 
 def _section(config: Any, name: str) -> ml_collections.ConfigDict:
