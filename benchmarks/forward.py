@@ -229,7 +229,7 @@ def patch_attention(variant: str) -> None:
     from instit_jax.models import llm, vision
 
     decoder = {"bhtd": attention_bhtd, "blocks": attention_causal_blocks, "flash": attention_causal_flash}[variant]
-    llm.attention = decoder
+    llm.causal_attention = decoder  # the name the decoder layer calls
     vision.attention = attention_bhtd
 
 
@@ -346,7 +346,7 @@ def breakdown(model, batch_j, cfg, runs: int, warmup: int) -> dict[str, float]:
     from instit_jax.models import llm
     from instit_jax.models.llm import segment_causal_bias
 
-    attention = llm.attention  # the patched variant when --attention is given
+    attention = llm.causal_attention  # the patched variant when --attention is given
 
     t = cfg.text
     b, l = batch_j["input_ids"].shape

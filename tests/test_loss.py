@@ -63,6 +63,23 @@ def test_head_never_runs_on_chunks_without_scored_positions():
     np.testing.assert_allclose(jnp.where(v[..., None], gh, 0.0), rh, rtol=1e-5, atol=1e-6)
 
 
+def test_backward_keeps_one_copy_of_the_head_weight():
+    """The head weight is loop-invariant: the compiled gradient must not stack one copy of it per
+    chunk (a checkpoint inside the per-chunk cond made the scan save (n, d, vocab) residuals: 11
+    copies of a 512×32000 head, 720 MB, in benchmarks/train_step.py)."""
+    import re
+
+    d, v, chunk, t = 16, 1000, 8, 64  # 8 chunks
+    w, h, tg, valid = make_case((t, 3), t=t, d=d, v=v)
+
+    def ours(w, h):
+        return chunked_cross_entropy(lambda x: x @ w, h, tg, valid, chunk)
+
+    hlo = jax.jit(jax.grad(ours, argnums=(0, 1))).lower(w, h).compile().as_text()
+    stacked = set(re.findall(rf"f32\[(\d+),{d},{v}\]", hlo)) - {"1"}
+    assert not stacked, f"the head weight is stacked per chunk: f32[{stacked}, {d}, {v}] in the backward"
+
+
 def test_head_positions_run_counts_the_chunks_the_step_computes():
     rows, t = 4, 40
     labels = np.full((rows, t), IGNORE_INDEX, np.int32)

@@ -110,6 +110,10 @@ def chunked_cross_entropy(
     def split(x: jax.Array) -> jax.Array:  # (B, n·C, ...) → (n, B, C, ...)
         return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
 
+    # The checkpoint goes around the cond, not inside it: its residuals are then its inputs, and the
+    # scan passes the head weight (a loop invariant) to the backward once. Checkpointed inside the
+    # cond, the weight came out of the cond as a per-chunk residual and the scan stacked n copies.
+    @jax.checkpoint
     def body(total: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
         i, h, tg, v = xs
         skip = lambda h, tg, v: jnp.zeros((), jnp.float32)  # noqa: E731 (no scored position in this chunk)
