@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 Axes = tuple[str | None, ...]
 
@@ -180,7 +181,7 @@ def attention_heads_first(
     s_bkqs = scores(k_bksd, bias_bts)
     if extra is not None:
         s_bkqs = jnp.concatenate([s_bkqs, scores(extra[0], extra[2])], axis=-1)
-    p_bkqs = jax.nn.softmax(s_bkqs, axis=-1).astype(dtype)
+    p_bkqs = checkpoint_name(jax.nn.softmax(s_bkqs, axis=-1).astype(dtype), ATTENTION_PROBS)
     s = k_bksd.shape[2]
     o_bkqd = jnp.einsum("bkqs,bksd->bkqd", p_bkqs[..., :s], v_bksd)
     if extra is not None:
@@ -189,6 +190,7 @@ def attention_heads_first(
 
 
 CAUSAL_BLOCK = 256
+ATTENTION_PROBS = "attention_probs"  # checkpoint name of the softmax probabilities
 
 
 def causal_attention(
@@ -209,25 +211,28 @@ def causal_attention(
     instead of one (B, H, T, T) buffer. The result equals `attention` because every skipped score
     would have been masked to the most negative float. Blocks are unrolled at trace time (static).
 
-    `remat_blocks`: each block under its own `jax.checkpoint`, so the backward pass recomputes a
-    block's scores instead of keeping all of them (≈ B·H·T²/2 floats per layer) alive at once: what
-    lets 6K-token rows of a 7B model fit 16-GiB chips (training/layouts.py, v5e-256).
+    Each block takes its slices of q, k, v and the bias inside its own `jax.checkpoint`, which keeps
+    for the backward pass only the block's probabilities: the slices are re-taken from the whole
+    arrays, which are saved once. Sliced outside, JAX kept every block's k/v prefix and bias tile as
+    residuals of its own (≈ T²/block·(2·K·D + T) floats per row and layer, all copies).
+
+    `remat_blocks`: nothing saved per block, the backward pass recomputes a block's scores instead of
+    keeping all of them (≈ B·H·T²/2 floats per layer) alive at once: what lets 6K-token rows of a 7B
+    model fit 16-GiB chips (training/layouts.py, v5e-256).
     """
     b, t, h, d = q_bthd.shape
     if k_bskd.shape[1] != t or t <= block:
         return attention(q_bthd, k_bskd, v_bskd, bias_bts, scale=scale, dtype=dtype)
     k_bksd, v_bksd = k_bskd.transpose(0, 2, 1, 3), v_bskd.transpose(0, 2, 1, 3)
 
-    def one_block(q_bqhd, k_bksd, v_bksd, bias_bqs):
-        return attention_heads_first(q_bqhd, k_bksd, v_bksd, bias_bqs, scale=scale, dtype=dtype)
+    def one_block(q_bthd, k_bksd, v_bksd, bias_bts, start, end):
+        return attention_heads_first(q_bthd[:, start:end], k_bksd[:, :, :end], v_bksd[:, :, :end],
+                                     bias_bts[:, start:end, :end], scale=scale, dtype=dtype)
 
-    if remat_blocks:
-        one_block = jax.checkpoint(one_block)
-    outs = []
-    for start in range(0, t, block):
-        end = min(start + block, t)
-        outs.append(one_block(q_bthd[:, start:end], k_bksd[:, :, :end], v_bksd[:, :, :end],
-                              bias_bts[:, start:end, :end]))
+    policy = None if remat_blocks else jax.checkpoint_policies.save_only_these_names(ATTENTION_PROBS)
+    one_block = jax.checkpoint(one_block, policy=policy, static_argnums=(4, 5))
+    outs = [one_block(q_bthd, k_bksd, v_bksd, bias_bts, start, min(start + block, t))
+            for start in range(0, t, block)]
     return jnp.concatenate(outs, axis=1)
 
 
