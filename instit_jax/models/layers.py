@@ -214,7 +214,7 @@ def causal_attention(
     Each block takes its slices of q, k, v and the bias inside its own `jax.checkpoint`, which keeps
     for the backward pass only the block's probabilities: the slices are re-taken from the whole
     arrays, which are saved once. Sliced outside, JAX kept every block's k/v prefix and bias tile as
-    residuals of its own (≈ T²/block·(2·K·D + T) floats per row and layer, all copies).
+    residuals of its own (≈ T²/(2·block)·(2·K·D + block) floats per row and layer, all copies).
 
     `remat_blocks`: nothing saved per block, the backward pass recomputes a block's scores instead of
     keeping all of them (≈ B·H·T²/2 floats per layer) alive at once: what lets 6K-token rows of a 7B
