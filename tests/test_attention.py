@@ -66,8 +66,10 @@ def test_block_remat_saves_no_scores_for_backward():
         return sum(leaf.nbytes for leaf in jax.tree.leaves(backward))
 
     kept, recomputed = saved_bytes(False), saved_bytes(True)
+    inputs = sum(x.nbytes for x in (*qkv, bias, w))
     assert kept > scores, (kept, scores)
-    assert kept - recomputed > 0.9 * scores, (kept, recomputed, scores)
+    # With block remat only the inputs stay (k and v once more, laid out heads-first): no scores.
+    assert recomputed <= 1.1 * inputs, (recomputed, inputs, scores)
 
 
 def test_blocks_save_their_probabilities_and_no_sliced_copies():

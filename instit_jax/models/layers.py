@@ -150,6 +150,9 @@ def attention(
     return attention_heads_first(q_bthd, k_bksd, v_bksd, bias_bts, scale=scale, dtype=dtype)
 
 
+ATTENTION_PROBS = "attention_probs"  # checkpoint name of the unnormalised probabilities and their row sums
+
+
 def attention_heads_first(
     q_bthd: jax.Array,
     k_bksd: jax.Array,
@@ -165,6 +168,11 @@ def attention_heads_first(
     The r query heads that share a KV head are folded into the query axis. `extra` = (k_bknd, v_bknd,
     bias_btn): N more keys after the S (a decode step's own, attended before they are written into the
     cache, so the write can be the buffer's last use and happen in place).
+
+    The softmax is normalised after the value product, as flash attention does: out = (e·V) / Σe with
+    e = exp(s − max s). Dividing the (Q, D) output instead of the (Q, S) probabilities drops one pass
+    over the scores in the forward pass, and in the backward pass the row sums' gradient is a (Q, D)
+    product instead of the softmax's (Q, S) reduction. `e` and Σe are what a checkpoint saves.
     """
     b, t, h, d = q_bthd.shape
     k_heads = k_bksd.shape[1]
@@ -181,16 +189,33 @@ def attention_heads_first(
     s_bkqs = scores(k_bksd, bias_bts)
     if extra is not None:
         s_bkqs = jnp.concatenate([s_bkqs, scores(extra[0], extra[2])], axis=-1)
-    p_bkqs = checkpoint_name(jax.nn.softmax(s_bkqs, axis=-1).astype(dtype), ATTENTION_PROBS)
+    # The max only keeps exp in range; the result does not depend on it, so no gradient flows through it.
+    e_bkqs = _saved_exp(s_bkqs - jax.lax.stop_gradient(jnp.max(s_bkqs, axis=-1, keepdims=True)))
+    sum_bkq1 = checkpoint_name(jnp.sum(e_bkqs, axis=-1, keepdims=True), ATTENTION_PROBS)
+    e_bkqs = e_bkqs.astype(dtype)
     s = k_bksd.shape[2]
-    o_bkqd = jnp.einsum("bkqs,bksd->bkqd", p_bkqs[..., :s], v_bksd)
+    o_bkqd = jnp.einsum("bkqs,bksd->bkqd", e_bkqs[..., :s], v_bksd)
     if extra is not None:
-        o_bkqd = o_bkqd + jnp.einsum("bkqn,bknd->bkqd", p_bkqs[..., s:], extra[1])
+        o_bkqd = o_bkqd + jnp.einsum("bkqn,bknd->bkqd", e_bkqs[..., s:], extra[1])
+    o_bkqd = (o_bkqd / sum_bkq1).astype(o_bkqd.dtype)
     return o_bkqd.reshape(b, k_heads, r, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
+@jax.custom_jvp
+def _saved_exp(x: jax.Array) -> jax.Array:
+    """exp whose output carries the ATTENTION_PROBS checkpoint name, derivative included: with a plain
+    exp the derivative refers to an unnamed copy of the output, which a names-only checkpoint policy
+    does not save, and the backward pass recomputes the scores' matmul to get it back."""
+    return checkpoint_name(jnp.exp(x), ATTENTION_PROBS)
+
+
+@_saved_exp.defjvp
+def _saved_exp_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    y = checkpoint_name(jnp.exp(primals[0]), ATTENTION_PROBS)
+    return y, y * tangents[0]
+
+
 CAUSAL_BLOCK = 256
-ATTENTION_PROBS = "attention_probs"  # checkpoint name of the softmax probabilities
 
 
 def causal_attention(
