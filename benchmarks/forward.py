@@ -264,19 +264,36 @@ def _cpu_ratio(wall: list[float], cpu: list[float]) -> float:
     return statistics.median(c / w for c, w in zip(cpu, wall))
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], runs: int, warmup: int) -> tuple[dict, dict]:
-    """Wall and process-CPU seconds per run of each function, the functions taking turns."""
+def interleaved(
+    fns: dict[str, Callable[[], Any]], runs: int, warmup: int, *, block: int = 1, settle: int = 0
+) -> tuple[dict, dict]:
+    """Wall and process-CPU seconds per run of each function, the functions taking turns.
+
+    Each turn is `settle` untimed runs, then `block` timed ones (`runs` timed in all). Turns share
+    the machine's drift between sides; the settle runs keep out what a switch of side costs and a
+    loop of the same step does not pay. Measured here on benchmarks/train_step.py: our jitted step's
+    first run after a PyTorch step took ~30% longer than the next ones (15.0 s, then 11.3 and 10.8 s),
+    while PyTorch's first run after ours did not; with settle=0 that switch cost was in every one of
+    our runs. The settle runs' times are returned under "<name>/first_after_switch"."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     wall = {name: [] for name in fns}
     cpu = {name: [] for name in fns}
-    for _ in range(runs):
+    for name in fns:
+        if settle:
+            wall[f"{name}/first_after_switch"] = []
+    while min(len(wall[name]) for name in fns) < runs:
         for name, fn in fns.items():
-            c0, t0 = _process_cpu(), time.perf_counter()
-            fn()
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(_process_cpu() - c0)
+            for i in range(settle + min(block, runs - len(wall[name]))):
+                c0, t0 = _process_cpu(), time.perf_counter()
+                fn()
+                elapsed, used = time.perf_counter() - t0, _process_cpu() - c0
+                if i < settle:
+                    wall[f"{name}/first_after_switch"].append(elapsed)
+                else:
+                    wall[name].append(elapsed)
+                    cpu[name].append(used)
     return wall, cpu
 
 
@@ -379,6 +396,9 @@ def breakdown(model, batch_j, cfg, runs: int, warmup: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--block", type=int, default=2, help="timed runs per turn of a side")
+    ap.add_argument("--settle", type=int, default=1,
+                    help="untimed runs at the start of each turn (what switching sides costs; 0: none)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--text-tokens", type=int, default=128)
@@ -487,9 +507,12 @@ def main() -> None:
     sides = {"ours": ours_run} if args.no_baseline else {"ours": ours_run, "hf_sdpa": hf_run}
     print(f"hf attn_implementation: {hf.config._attn_implementation}; load avg {_loadavg()}")
     # The parity-check call above already ran each side once: it counts as the first warm-up.
-    wall, cpu = interleaved(sides, args.runs, max(0, args.warmup - 1))
+    wall, cpu = interleaved(sides, args.runs, max(0, args.warmup - 1), block=args.block, settle=args.settle)
     ours_s = statistics.median(wall["ours"])
     print(f"ours (jax jit):        {fmt_times(wall['ours'])}, cpu/wall {_cpu_ratio(wall['ours'], cpu['ours']):.2f}")
+    switch = {name: statistics.median(wall[f"{name}/first_after_switch"]) for name in sides if args.settle}
+    if switch:
+        print("first run of each turn (untimed): " + ", ".join(f"{k} {v:.3f}s" for k, v in switch.items()))
     base_s = float("nan")
     eager_s = None
     if not args.no_baseline:
@@ -525,7 +548,7 @@ def main() -> None:
         "roofline_fraction": rf, "baseline_roofline_fraction": nan_to_none(brf), "gemm_flops": roof, "model_flops": model_flops,
         "seq_len": seq_len, "max_abs_logit_diff": nan_to_none(max_diff), "baseline_eager_s": eager_s,
         "baseline_flops": hf_flops, "useful_flops": useful_flops, "useful_roofline_fraction": useful_flops / ours_s / roof,
-        "attention": args.attention, "ynn": args.ynn, "views_run": run_views, "views_real": real_views, "torch_threads": torch.get_num_threads(),
+        "attention": args.attention, "ynn": args.ynn, "block": args.block, "settle": args.settle, "first_run_after_switch_s": switch, "views_run": run_views, "views_real": real_views, "torch_threads": torch.get_num_threads(),
         "ours_cpu_per_wall": _cpu_ratio(wall["ours"], cpu["ours"]), "load_avg": _loadavg(),
     }
     if args.breakdown:

@@ -126,6 +126,9 @@ def trainer_config(lr: float):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--block", type=int, default=2, help="timed runs per turn of a side")
+    ap.add_argument("--settle", type=int, default=1,
+                    help="untimed runs at the start of each turn (what switching sides costs; 0: none)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--text-tokens", type=int, default=256)
@@ -208,10 +211,14 @@ def main() -> None:
     loss_ours, loss_hf = ours_step(), torch_step()  # same weights: first-step losses must agree
     print(f"first-step loss: ours {loss_ours:.6f}  torch {loss_hf:.6f}  |diff| {abs(loss_ours - loss_hf):.2e}")
     print(f"load avg {fwd._loadavg()}")
-    wall, cpu = fwd.interleaved({"ours": ours_step, "torch": torch_step}, args.runs, max(0, args.warmup - 1))
+    wall, cpu = fwd.interleaved({"ours": ours_step, "torch": torch_step}, args.runs, max(0, args.warmup - 1),
+                                block=args.block, settle=args.settle)
     ours_s, torch_s = statistics.median(wall["ours"]), statistics.median(wall["torch"])
     print(f"ours (jax jit step):  {fwd.fmt_times(wall['ours'])}, cpu/wall {fwd._cpu_ratio(wall['ours'], cpu['ours']):.2f}")
     print(f"torch (AdamW step):   {fwd.fmt_times(wall['torch'])}, cpu/wall {fwd._cpu_ratio(wall['torch'], cpu['torch']):.2f}")
+    switch = {name: statistics.median(wall[f"{name}/first_after_switch"]) for name in ("ours", "torch") if args.settle}
+    if switch:
+        print("first run of each turn (untimed above): " + ", ".join(f"{k} {v:.3f}s" for k, v in switch.items()))
     print(f"load avg {fwd._loadavg()}")
 
     gemm = fwd.gemm_roofline(args.gemm_n, args.gemm_runs)
@@ -229,6 +236,7 @@ def main() -> None:
         "first_loss_ours": loss_ours, "first_loss_torch": loss_hf, "real_tokens": real_tokens,
         "positions": b * seq_len, "views_per_row": vr, "ynn": args.ynn, "loss_chunk": args.loss_chunk, "scan_layers": not args.no_scan,
         "ours_cpu_per_wall": fwd._cpu_ratio(wall["ours"], cpu["ours"]), "load_avg": fwd._loadavg(),
+        "block": args.block, "settle": args.settle, "first_run_after_switch_s": switch,
     }
     print(json.dumps(result))
 
