@@ -18,7 +18,7 @@ repeated), sdpa (and eager unless --no-eager), torch threads = core count. The s
 both logits agree, then times the two sides in turns (--block timed runs each, after --settle untimed
 ones) so that load from other processes on a shared machine hits both alike; medians are reported,
 with process CPU time / wall time as a check that both cores were busy. XLA runs with its YNNPACK
-fusions off unless --ynn default (the README's CPU note: XLA_FLAGS for CPU runs).
+fusions off unless --ynn default (see the README's Benchmarks section).
 
 Roofline: one --gemm-n cubed fp32 matmul in jax (jit), numpy and torch; the best median FLOP/s.
 FLOPs are analytic matmul FLOPs (2 per multiply-add) of what each side actually runs: ours runs the
@@ -298,6 +298,12 @@ def interleaved(
     return wall, cpu
 
 
+def first_after_switch(wall: dict[str, list[float]], names) -> dict[str, float]:
+    """Median of each side's untimed settle runs from `interleaved` ({} when it ran none)."""
+    return {name: statistics.median(wall[f"{name}/first_after_switch"]) for name in names
+            if f"{name}/first_after_switch" in wall}
+
+
 def fmt_times(ts: list[float]) -> str:
     return f"median {statistics.median(ts):.3f}s (min {min(ts):.3f}, max {max(ts):.3f}, n={len(ts)})"
 
@@ -513,7 +519,7 @@ def main() -> None:
     wall, cpu = interleaved(sides, args.runs, max(0, args.warmup - 1), block=args.block, settle=args.settle)
     ours_s = statistics.median(wall["ours"])
     print(f"ours (jax jit):        {fmt_times(wall['ours'])}, cpu/wall {_cpu_ratio(wall['ours'], cpu['ours']):.2f}")
-    switch = {name: statistics.median(wall[f"{name}/first_after_switch"]) for name in sides if args.settle}
+    switch = first_after_switch(wall, sides)
     if switch:
         print("first run of each turn (untimed): " + ", ".join(f"{k} {v:.3f}s" for k, v in switch.items()))
     base_s = float("nan")

@@ -216,7 +216,7 @@ def main() -> None:
     ours_s, torch_s = statistics.median(wall["ours"]), statistics.median(wall["torch"])
     print(f"ours (jax jit step):  {fwd.fmt_times(wall['ours'])}, cpu/wall {fwd._cpu_ratio(wall['ours'], cpu['ours']):.2f}")
     print(f"torch (AdamW step):   {fwd.fmt_times(wall['torch'])}, cpu/wall {fwd._cpu_ratio(wall['torch'], cpu['torch']):.2f}")
-    switch = {name: statistics.median(wall[f"{name}/first_after_switch"]) for name in ("ours", "torch") if args.settle}
+    switch = fwd.first_after_switch(wall, ("ours", "torch"))
     if switch:
         print("first run of each turn (untimed above): " + ", ".join(f"{k} {v:.3f}s" for k, v in switch.items()))
     print(f"load avg {fwd._loadavg()}")
