@@ -7,6 +7,7 @@ its softmax in float32. Every parameter carries logical axis names for rule-base
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -174,21 +175,11 @@ def attention_heads_first(
     over the scores in the forward pass, and in the backward pass the row sums' gradient is a (Q, D)
     product instead of the softmax's (Q, S) reduction. `e` and Σe are what a checkpoint saves.
     """
-    b, t, h, d = q_bthd.shape
-    k_heads = k_bksd.shape[1]
-    r = h // k_heads
-    q_bkqd = q_bthd.reshape(b, t, k_heads, r, d).transpose(0, 2, 3, 1, 4).reshape(b, k_heads, r * t, d)
-
-    def scores(k, bias):
-        s_bkqs = (jnp.einsum("bkqd,bksd->bkqs", q_bkqd, k) * jnp.asarray(scale, dtype)).astype(jnp.float32)
-        if bias is None:
-            return s_bkqs
-        n = k.shape[2]
-        return (s_bkqs.reshape(b, k_heads, r, t, n) + bias[:, None, None]).reshape(b, k_heads, r * t, n)
-
-    s_bkqs = scores(k_bksd, bias_bts)
+    t = q_bthd.shape[1]
+    q_bkqd = _fold_heads(q_bthd, k_bksd.shape[1])
+    s_bkqs = _folded_scores(q_bkqd, k_bksd, bias_bts, scale, dtype)
     if extra is not None:
-        s_bkqs = jnp.concatenate([s_bkqs, scores(extra[0], extra[2])], axis=-1)
+        s_bkqs = jnp.concatenate([s_bkqs, _folded_scores(q_bkqd, extra[0], extra[2], scale, dtype)], axis=-1)
     # The max only keeps exp in range; the result does not depend on it, so no gradient flows through it.
     e_bkqs = _saved_exp(s_bkqs - jax.lax.stop_gradient(jnp.max(s_bkqs, axis=-1, keepdims=True)))
     sum_bkq1 = checkpoint_name(jnp.sum(e_bkqs, axis=-1, keepdims=True), ATTENTION_PROBS)
@@ -197,8 +188,7 @@ def attention_heads_first(
     o_bkqd = jnp.einsum("bkqs,bksd->bkqd", e_bkqs[..., :s], v_bksd)
     if extra is not None:
         o_bkqd = o_bkqd + jnp.einsum("bkqn,bknd->bkqd", e_bkqs[..., s:], extra[1])
-    o_bkqd = (o_bkqd / sum_bkq1).astype(o_bkqd.dtype)
-    return o_bkqd.reshape(b, k_heads, r, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+    return _unfold_heads((o_bkqd / sum_bkq1).astype(o_bkqd.dtype), t)
 
 
 @jax.custom_jvp
@@ -236,29 +226,107 @@ def causal_attention(
     instead of one (B, H, T, T) buffer. The result equals `attention` because every skipped score
     would have been masked to the most negative float. Blocks are unrolled at trace time (static).
 
-    Each block takes its slices of q, k, v and the bias inside its own `jax.checkpoint`, which keeps
-    for the backward pass only the block's probabilities: the slices are re-taken from the whole
-    arrays, which are saved once. Sliced outside, JAX kept every block's k/v prefix and bias tile as
-    residuals of its own (≈ T²/(2·block)·(2·K·D + block) floats per row and layer, all copies).
+    The backward pass is written by hand (`_block_causal_bwd`, FlashAttention-2's formulas over the
+    saved unnormalised probabilities): it keeps q, k, v, the bias and the output once plus each
+    block's probabilities, and adds nothing per residual (autodiff through `jax.checkpoint` blocks
+    added a `reduce_precision` pass over every saved tile and copied each block's k/v prefix again).
 
-    `remat_blocks`: nothing saved per block, the backward pass recomputes a block's scores instead of
-    keeping all of them (≈ B·H·T²/2 floats per layer) alive at once: what lets 6K-token rows of a 7B
-    model fit 16-GiB chips (training/layouts.py, v5e-256).
+    `remat_blocks`: no probabilities saved, the backward pass recomputes a block's scores from its
+    saved row max instead of keeping all of them (≈ B·H·T²/2 floats per layer) alive at once: what
+    lets 6K-token rows of a 7B model fit 16-GiB chips (training/layouts.py, v5e-256).
     """
-    b, t, h, d = q_bthd.shape
+    t = q_bthd.shape[1]
     if k_bskd.shape[1] != t or t <= block:
         return attention(q_bthd, k_bskd, v_bskd, bias_bts, scale=scale, dtype=dtype)
     k_bksd, v_bksd = k_bskd.transpose(0, 2, 1, 3), v_bskd.transpose(0, 2, 1, 3)
+    return _block_causal(q_bthd, k_bksd, v_bksd, bias_bts, scale, dtype, block, not remat_blocks)
 
-    def one_block(q_bthd, k_bksd, v_bksd, bias_bts, start, end):
-        return attention_heads_first(q_bthd[:, start:end], k_bksd[:, :, :end], v_bksd[:, :, :end],
-                                     bias_bts[:, start:end, :end], scale=scale, dtype=dtype)
 
-    policy = None if remat_blocks else jax.checkpoint_policies.save_only_these_names(ATTENTION_PROBS)
-    one_block = jax.checkpoint(one_block, policy=policy, static_argnums=(4, 5))
-    outs = [one_block(q_bthd, k_bksd, v_bksd, bias_bts, start, min(start + block, t))
-            for start in range(0, t, block)]
-    return jnp.concatenate(outs, axis=1)
+def _fold_heads(x_bthd: jax.Array, k_heads: int) -> jax.Array:
+    """(B, T, H, D) → (B, K, r·T, D): the r query heads that share a KV head go into the query axis."""
+    b, t, h, d = x_bthd.shape
+    return x_bthd.reshape(b, t, k_heads, h // k_heads, d).transpose(0, 2, 3, 1, 4).reshape(b, k_heads, -1, d)
+
+
+def _unfold_heads(x_bkqd: jax.Array, t: int) -> jax.Array:
+    b, k_heads, rt, d = x_bkqd.shape
+    r = rt // t
+    return x_bkqd.reshape(b, k_heads, r, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, k_heads * r, d)
+
+
+def _folded_scores(q_bkqd: jax.Array, k_bksd: jax.Array, bias_bts: jax.Array | None, scale: float,
+                   dtype: Any) -> jax.Array:
+    """float32 scores of folded queries against (B, K, S, D) keys, plus the (B, T, S) bias per head."""
+    s_bkqs = (jnp.einsum("bkqd,bksd->bkqs", q_bkqd, k_bksd) * jnp.asarray(scale, dtype)).astype(jnp.float32)
+    if bias_bts is None:
+        return s_bkqs
+    b, k_heads, rt, n = s_bkqs.shape
+    t = bias_bts.shape[1]
+    return (s_bkqs.reshape(b, k_heads, rt // t, t, n) + bias_bts[:, None, None]).reshape(b, k_heads, rt, n)
+
+
+def _spans(t: int, block: int) -> list[tuple[int, int]]:
+    return [(start, min(start + block, t)) for start in range(0, t, block)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _block_causal(q_bthd, k_bksd, v_bksd, bias_bts, scale, dtype, block, save_probs):
+    return _block_causal_fwd(q_bthd, k_bksd, v_bksd, bias_bts, scale, dtype, block, save_probs)[0]
+
+
+def _block_causal_fwd(q_bthd, k_bksd, v_bksd, bias_bts, scale, dtype, block, save_probs):
+    k_heads = k_bksd.shape[1]
+    outs, kept, sums = [], [], []  # kept: each block's probabilities, or its row max to recompute them
+    for start, end in _spans(q_bthd.shape[1], block):
+        s_bkqs = _folded_scores(_fold_heads(q_bthd[:, start:end], k_heads), k_bksd[:, :, :end],
+                                bias_bts[:, start:end, :end], scale, dtype)
+        max_bkq1 = jnp.max(s_bkqs, axis=-1, keepdims=True)  # keeps exp in range; the result does not depend on it
+        e_bkqs = jnp.exp(s_bkqs - max_bkq1)
+        sum_bkq1 = jnp.sum(e_bkqs, axis=-1, keepdims=True)
+        # Normalised after the value product, as flash attention does: a (Q, D) divide, not a (Q, S) one.
+        o_bkqd = jnp.einsum("bkqs,bksd->bkqd", e_bkqs.astype(dtype), v_bksd[:, :, :end]) / sum_bkq1
+        outs.append(_unfold_heads(o_bkqd.astype(dtype), end - start))
+        kept.append(e_bkqs if save_probs else max_bkq1)
+        sums.append(sum_bkq1)
+    out_bthd = jnp.concatenate(outs, axis=1)
+    return out_bthd, (q_bthd, k_bksd, v_bksd, bias_bts, out_bthd, kept, sums)
+
+
+def _block_causal_bwd(scale, dtype, block, save_probs, residuals, dout_bthd):
+    """With P = e/Σe: dV = Pᵀ·dO, dS = P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O)), dQ = c·dS·K, dK = c·dSᵀ·Q (c the
+    scale), computed per query block; dK/dV add each block's prefix into full-length sums."""
+    q_bthd, k_bksd, v_bksd, bias_bts, out_bthd, kept, sums = residuals
+    b, t, h, _ = q_bthd.shape
+    k_heads = k_bksd.shape[1]
+    dq, dbias = [], []
+    dk_bksd = jnp.zeros(k_bksd.shape, jnp.float32)
+    dv_bksd = jnp.zeros(v_bksd.shape, jnp.float32)
+    for i, (start, end) in enumerate(_spans(t, block)):
+        q_bkqd = _fold_heads(q_bthd[:, start:end], k_heads)
+        k_bksd_i, v_bksd_i = k_bksd[:, :, :end], v_bksd[:, :, :end]
+        if save_probs:
+            e_bkqs = kept[i]
+        else:
+            e_bkqs = jnp.exp(_folded_scores(q_bkqd, k_bksd_i, bias_bts[:, start:end, :end], scale, dtype) - kept[i])
+        g_bkqd = _fold_heads(dout_bthd[:, start:end], k_heads).astype(jnp.float32) / sums[i]  # dO / Σe
+        o_bkqd = _fold_heads(out_bthd[:, start:end], k_heads).astype(jnp.float32)
+        dp_bkqs = jnp.einsum("bkqd,bksd->bkqs", g_bkqd.astype(dtype), v_bksd_i).astype(jnp.float32)
+        ds_bkqs = e_bkqs * (dp_bkqs - jnp.sum(g_bkqd * o_bkqd, axis=-1, keepdims=True))
+        dv_i = jnp.einsum("bkqs,bkqd->bksd", e_bkqs.astype(dtype), g_bkqd.astype(dtype))
+        ds_scaled = (ds_bkqs * scale).astype(dtype)
+        dq.append(_unfold_heads(jnp.einsum("bkqs,bksd->bkqd", ds_scaled, k_bksd_i), end - start))
+        dk_i = jnp.einsum("bkqs,bkqd->bksd", ds_scaled, q_bkqd)
+        tail = ((0, 0), (0, 0), (0, t - end), (0, 0))
+        dk_bksd = dk_bksd + jnp.pad(dk_i.astype(jnp.float32), tail)
+        dv_bksd = dv_bksd + jnp.pad(dv_i.astype(jnp.float32), tail)
+        # The bias's gradient (summed over heads); dead code, removed by XLA, when the bias is a mask.
+        ds_btqs = ds_bkqs.reshape(b, k_heads, h // k_heads, end - start, end).sum((1, 2))
+        dbias.append(jnp.pad(ds_btqs, ((0, 0), (0, 0), (0, t - end))))
+    return (jnp.concatenate(dq, axis=1).astype(q_bthd.dtype), dk_bksd.astype(k_bksd.dtype),
+            dv_bksd.astype(v_bksd.dtype), jnp.concatenate(dbias, axis=1).astype(bias_bts.dtype))
+
+
+_block_causal.defvjp(_block_causal_fwd, _block_causal_bwd)
 
 
 def mask_to_bias(allowed: jax.Array) -> jax.Array:

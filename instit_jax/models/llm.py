@@ -84,7 +84,7 @@ class DecoderAttention(nnx.Module):
         self.o_proj = Linear((h, hd), d, axes=("heads", "kv", "embed"), use_bias=False, **common)
         self.scale = hd**-0.5
         self.dtype = dtype
-        self.remat_attention = remat_attention  # each causal query block under its own checkpoint
+        self.remat_attention = remat_attention  # each causal query block recomputed in the backward pass
 
     def __call__(
         self,
