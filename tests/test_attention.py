@@ -115,3 +115,41 @@ def test_v5e_layout_turns_on_block_remat_in_the_decoder():
     cfg = get_preset("tiny_vicuna").replace(**{k: overrides[k] for k in ("remat", "scan_layers", "remat_attention")})
     model = nnx.eval_shape(lambda: LlavaNext(cfg, rngs=nnx.Rngs(0)))
     assert model.language_model.layers.stacked.self_attn.remat_attention
+
+
+def test_rope_table_equals_computed_rotation_and_flags_positions_outside_it():
+    """Gathered from a table over [0, T), cos/sin are bit-equal to computing them per position, for the
+    packed rows' restarting positions; a position outside the table gives NaN, not a wrong rotation."""
+    from instit_jax.models.config import get_preset
+    from instit_jax.models.llm import rope_cos_sin, rope_inv_freq
+
+    inv = rope_inv_freq(get_preset("tiny_qwen2").text)
+    t = 300
+    pos = np.concatenate([np.arange(170), np.arange(130)])[None].repeat(2, 0).astype(np.int32)
+    pos[1] = np.arange(t)
+    direct = rope_cos_sin(jnp.asarray(pos), inv, jnp.float32)
+    table = jax.jit(lambda p: rope_cos_sin(p, inv, jnp.float32, t))(jnp.asarray(pos))
+    for a, b in zip(direct, table):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    pos[0, -1] = t
+    cos, sin = rope_cos_sin(jnp.asarray(pos), inv, jnp.float32, t)
+    assert np.isnan(np.asarray(cos)[0, -1]).all() and np.isnan(np.asarray(sin)[0, -1]).all()
+    assert not np.isnan(np.asarray(cos)[0, :-1]).any()
+
+
+def test_decoder_evaluates_rope_once_not_in_every_key_prefix():
+    """The compiled decoder computes cos/sin in one place: fused into consumers, XLA:CPU evaluated them
+    again in every causal block's key-prefix copy (train step 11.3 → 10.2 s, in-process A/B)."""
+    from flax import nnx
+
+    from instit_jax.models.config import get_preset
+    from instit_jax.models.llm import Decoder
+
+    cfg = get_preset("tiny_vicuna").text
+    model = Decoder(cfg, dtype=jnp.float32, param_dtype=jnp.float32, scan=False, remat="none", rngs=nnx.Rngs(0))
+    t = 4 * 128 + 40
+    x = jnp.zeros((1, t, cfg.hidden_size), jnp.float32)
+    pos = jnp.arange(t, dtype=jnp.int32)[None]
+    seg = jnp.ones((1, t), jnp.int32)
+    hlo = jax.jit(lambda m, *a: m.hidden_states(*a)).lower(model, x, pos, seg).compile().as_text()
+    assert hlo.count("cosine(") == 1, hlo.count("cosine(")

@@ -7,6 +7,7 @@ padding (id 0). An unpacked batch is the special case segment_ids = attention_ma
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -28,11 +29,27 @@ def rope_inv_freq(cfg: TextConfig) -> np.ndarray:
     return inv
 
 
-def rope_cos_sin(positions_bt: jax.Array, inv_freq: np.ndarray, dtype: Any) -> tuple[jax.Array, jax.Array]:
-    freqs_btf = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-    emb_btd = jnp.concatenate([freqs_btf, freqs_btf], axis=-1)
+def rope_cos_sin(positions_bt: jax.Array, inv_freq: np.ndarray, dtype: Any,
+                 table_size: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of position × inverse frequency, (B, T, head_dim), in the activation dtype.
+
+    `table_size` N: computed once for the positions [0, N) and gathered, with NaN for a position
+    outside them (a loud result, not a silently wrong rotation). Computed in place, XLA:CPU fuses the
+    cos/sin into every consumer of the rotated keys, so each causal block's key-prefix copy evaluated
+    them again (96 cos fusions in benchmarks/train_step.py's step instead of 1).
+    """
+    if table_size is None:
+        angles = positions_bt.astype(jnp.float32)
+    else:
+        angles = jnp.arange(table_size, dtype=jnp.float32)
+    freqs_f = angles[..., None] * jnp.asarray(inv_freq)
+    emb = jnp.concatenate([freqs_f, freqs_f], axis=-1)
     # Cast to the activation dtype before use, as HF does (matters in bf16).
-    return jnp.cos(emb_btd).astype(dtype), jnp.sin(emb_btd).astype(dtype)
+    cos, sin = jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+    if table_size is None:
+        return cos, sin
+    take = functools.partial(jnp.take, indices=positions_bt, axis=0, mode="fill", fill_value=jnp.nan)
+    return take(cos), take(sin)
 
 
 def apply_rope(x_bthd: jax.Array, cos_btd: jax.Array, sin_btd: jax.Array) -> jax.Array:
@@ -210,7 +227,9 @@ class Decoder(nnx.Module):
         return jnp.take(self.embed_tokens[...], ids_bt, axis=0).astype(self.dtype)
 
     def _run(self, x_btd, positions_bt, bias_bts, cache, cache_index, layers=None):
-        cos_sin = rope_cos_sin(positions_bt, rope_inv_freq(self.cfg), self.dtype)
+        # A whole sequence's positions lie in [0, T) (every segment of a packed row starts at 0).
+        table_size = x_btd.shape[1] if cache is None else None
+        cos_sin = rope_cos_sin(positions_bt, rope_inv_freq(self.cfg), self.dtype, table_size)
         x_btd, cache = self.layers(
             (x_btd.astype(self.dtype), cache), cos_sin, bias_bts, cache_index, scan=self.scan, remat=self.remat,
             unstacked=layers,
