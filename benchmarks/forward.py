@@ -253,6 +253,16 @@ def _process_cpu() -> float:
     return t.user + t.system
 
 
+def _process_sys() -> float:
+    return os.times().system
+
+
+def median_sys(cpu: dict[str, list[float]], name: str) -> float:
+    """Median system CPU seconds of `name`'s runs recorded by `interleaved` (nan when none)."""
+    runs = cpu.get(f"{name}/sys", [])
+    return statistics.median(runs) if runs else float("nan")
+
+
 def _loadavg() -> str:
     try:
         with open("/proc/loadavg") as f:
@@ -275,26 +285,33 @@ def interleaved(
     loop of the same step does not pay. Measured here on benchmarks/train_step.py: our jitted step's
     first run after a PyTorch step took ~30% longer than the next ones (15.0 s, then 11.3 and 10.8 s),
     while PyTorch's first run after ours did not; with settle=0 that switch cost was in every one of
-    our runs. The settle runs' times are returned under "<name>/first_after_switch"."""
+    our runs. The settle runs' times are returned under "<name>/first_after_switch"; the system CPU
+    seconds of each run (page faults: a step that touches freshly mapped memory pays them, see
+    docs/training_core.md, session 12) under "<name>/sys" and "<name>/first_after_switch/sys" of the
+    second dict."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     wall = {name: [] for name in fns}
     cpu = {name: [] for name in fns}
     for name in fns:
+        cpu[f"{name}/sys"] = []
         if settle:
             wall[f"{name}/first_after_switch"] = []
+            cpu[f"{name}/first_after_switch/sys"] = []
     while min(len(wall[name]) for name in fns) < runs:
         for name, fn in fns.items():
             for i in range(settle + min(block, runs - len(wall[name]))):
-                c0, t0 = _process_cpu(), time.perf_counter()
+                c0, s0, t0 = _process_cpu(), _process_sys(), time.perf_counter()
                 fn()
-                elapsed, used = time.perf_counter() - t0, _process_cpu() - c0
+                elapsed, used, sys_s = time.perf_counter() - t0, _process_cpu() - c0, _process_sys() - s0
                 if i < settle:
                     wall[f"{name}/first_after_switch"].append(elapsed)
+                    cpu[f"{name}/first_after_switch/sys"].append(sys_s)
                 else:
                     wall[name].append(elapsed)
                     cpu[name].append(used)
+                    cpu[f"{name}/sys"].append(sys_s)
     return wall, cpu
 
 

@@ -223,6 +223,11 @@ def main() -> None:
     switch = fwd.first_after_switch(wall, ("ours", "torch"))
     if switch:
         print("first run of each turn (untimed above): " + ", ".join(f"{k} {v:.3f}s" for k, v in switch.items()))
+    # System CPU per run: page faults on freshly mapped memory, dearer right after the other side's step.
+    sys_s = {side: fwd.median_sys(cpu, side) for side in ("ours", "torch")}
+    sys_s.update({f"{side}/first_after_switch": fwd.median_sys(cpu, f"{side}/first_after_switch")
+                  for side in ("ours", "torch") if switch})
+    print("system CPU per run (median): " + ", ".join(f"{k} {v:.2f}s" for k, v in sys_s.items()))
     print(f"load avg {fwd._loadavg()}")
 
     gemm = fwd.gemm_roofline(args.gemm_n, args.gemm_runs)
@@ -240,7 +245,7 @@ def main() -> None:
         "first_loss_ours": loss_ours, "first_loss_torch": loss_hf, "real_tokens": real_tokens,
         "positions": b * seq_len, "views_per_row": vr, "ynn": args.ynn, "loss_chunk": args.loss_chunk, "scan_layers": args.scan,
         "ours_cpu_per_wall": fwd._cpu_ratio(wall["ours"], cpu["ours"]), "load_avg": fwd._loadavg(),
-        "block": args.block, "settle": args.settle, "first_run_after_switch_s": switch,
+        "block": args.block, "settle": args.settle, "first_run_after_switch_s": switch, "system_cpu_s": sys_s,
     }
     print(json.dumps(result))
 
