@@ -253,6 +253,30 @@ def _process_cpu() -> float:
     return t.user + t.system
 
 
+def keep_freed_memory() -> bool:
+    """Keep freed heap memory in this process (glibc `mallopt`: no mmap'ed blocks, no trimming) and run
+    JAX's CPU computations on the calling thread, so their temporaries come from that heap too.
+
+    Both sides of a benchmark then reuse their memory from step to step. With glibc's defaults our
+    step's 3.5 GB of temporaries are mapped afresh by a worker thread and unmapped every step: ~960 K
+    page faults, ~2 s of system time alone and 18–20 s in the first step after a PyTorch step, whose
+    freed memory this VM's balloon hands back to the host (docs/training_core.md, session 12). Call
+    before JAX runs anything. Returns False where glibc's mallopt is not available (then nothing changed
+    but the dispatch)."""
+    import ctypes
+
+    import jax
+
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    # A trim threshold of -1 becomes SIZE_MAX inside glibc: the heap's top is never given back.
+    return libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, -1) == 1
+
+
 def _process_sys() -> float:
     return os.times().system
 

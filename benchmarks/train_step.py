@@ -1,6 +1,6 @@
 """Train-step benchmark: our jitted Flax train step vs a PyTorch AdamW step of the same model (CPU, fp32).
 
-    python benchmarks/train_step.py [--runs 5] [--batch 2] [--ynn default] [--scan]
+    python benchmarks/train_step.py [--runs 5] [--batch 2] [--ynn default] [--scan] [--memory default]
 
 Model: benchmarks/forward.py's "small but non-trivial" config (CLIP-like 336 px tower, 4 layers, d 256;
 Llama decoder, 4 layers, d 512, vocab 32000). Data: per sample one random WxH image (AnyRes views) and
@@ -10,7 +10,8 @@ Ours: `Trainer.step` (instit_jax/training) on one CPU device: forward, chunked c
 global-norm clipping, AdamW, state donated; per-row batch (B, Vr, S, S, 3), sequence padded to a
 multiple of --seq-bucket. Baseline: transformers' LlavaNextForConditionalGeneration with the same
 weights and samples (image tokens expanded, HF labels), `loss.backward()`, `clip_grad_norm_`,
-`torch.optim.AdamW` (foreach), torch threads = cores. Our layers are unrolled unless --scan. Both start from the same weights; the first
+`torch.optim.AdamW` (foreach), torch threads = cores. Our layers are unrolled unless --scan. Both sides
+keep freed memory for their next step unless --memory default (forward.py:keep_freed_memory). Both start from the same weights; the first
 step's losses are compared, then the two sides take turns (--block timed runs each, after --settle
 untimed ones; medians reported) so that load from other processes hits both alike.
 
@@ -142,6 +143,11 @@ def main() -> None:
         help="scan over the layer stacks (scan_layers=True, what deep models use to bound compile time); "
         "default unrolled, as one would run a 4-layer model: 11.05 -> 9.95 s in an in-process A/B here, "
         "the scan stacks every layer's saved probabilities into zero-filled buffers")
+    ap.add_argument(
+        "--memory", choices=("keep", "default"), default="keep",
+        help="keep (default): both sides keep freed memory for their next step (forward.py:keep_freed_memory; "
+        "JAX dispatches on the calling thread); default: glibc's and JAX's defaults, under which every step "
+        "faults its temporaries in afresh")
     ap.add_argument("--gemm-n", type=int, default=3072)
     ap.add_argument("--gemm-runs", type=int, default=7)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -159,9 +165,12 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     import jax
-    from transformers import LlavaNextForConditionalGeneration
 
     import forward as fwd  # benchmarks/forward.py: model config, timing and roofline helpers
+
+    kept = fwd.keep_freed_memory() if args.memory == "keep" else False
+    from transformers import LlavaNextForConditionalGeneration
+
     from instit_jax.convert.hf_config import to_hf_config
     from instit_jax.convert.hf_params import flax_arrays_from_hf
     from instit_jax.sharding import make_mesh
@@ -172,7 +181,7 @@ def main() -> None:
 
     cfg = fwd.bench_config(args.vocab).replace(scan_layers=args.scan)
     print(f"cores: {os.cpu_count()}  torch threads: {torch.get_num_threads()}  jax {jax.__version__}  "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}  memory: {args.memory} (mallopt applied: {kept})")
     torch.manual_seed(0)
     hf = LlavaNextForConditionalGeneration(to_hf_config(cfg))
     randomize_(hf, 0)
@@ -246,6 +255,7 @@ def main() -> None:
         "positions": b * seq_len, "views_per_row": vr, "ynn": args.ynn, "loss_chunk": args.loss_chunk, "scan_layers": args.scan,
         "ours_cpu_per_wall": fwd._cpu_ratio(wall["ours"], cpu["ours"]), "load_avg": fwd._loadavg(),
         "block": args.block, "settle": args.settle, "first_run_after_switch_s": switch, "system_cpu_s": sys_s,
+        "memory": args.memory,
     }
     print(json.dumps(result))
 
