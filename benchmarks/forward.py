@@ -277,6 +277,14 @@ def keep_freed_memory() -> bool:
     return libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, -1) == 1
 
 
+def add_memory_flag(ap) -> None:
+    ap.add_argument(
+        "--memory", choices=("keep", "default"), default="keep",
+        help="keep (default): both sides keep freed memory for their next run (keep_freed_memory; JAX "
+        "dispatches on the calling thread); default: glibc's and JAX's defaults, under which every run of "
+        "ours faults its temporaries in afresh")
+
+
 def _process_sys() -> float:
     return os.times().system
 
@@ -471,6 +479,7 @@ def main() -> None:
         "(dots via Eigen instead of YNNPACK; this forward 7.96 -> 7.27 s in an in-process A/B); default: "
         "XLA's YNNPACK fusions",
     )
+    add_memory_flag(ap)
     args = ap.parse_args()
     if args.ynn == "off":  # must be set before jax initialises its CPU backend
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=").strip()
@@ -479,6 +488,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     import jax
+
+    kept = keep_freed_memory() if args.memory == "keep" else False
     import jax.numpy as jnp
     from flax import nnx
     from transformers import LlavaNextForConditionalGeneration
@@ -490,7 +501,8 @@ def main() -> None:
     patch_attention(args.attention)
     cfg = bench_config(args.vocab)
     print(f"cores: {os.cpu_count()}  torch threads: {torch.get_num_threads()}  jax: {jax.__version__} {jax.devices()}")
-    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}  attention: {args.attention}")
+    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}  attention: {args.attention}  memory: {args.memory} "
+          f"(mallopt applied: {kept})")
     v, t = cfg.vision, cfg.text
     print(
         f"vision: {v.kind} {v.image_size}px/{v.patch_size} {v.num_layers} layers ({v.num_computed_layers} computed), "
@@ -598,7 +610,7 @@ def main() -> None:
         "roofline_fraction": rf, "baseline_roofline_fraction": nan_to_none(brf), "gemm_flops": roof, "model_flops": model_flops,
         "seq_len": seq_len, "max_abs_logit_diff": nan_to_none(max_diff), "baseline_eager_s": eager_s,
         "baseline_flops": hf_flops, "useful_flops": useful_flops, "useful_roofline_fraction": useful_flops / ours_s / roof,
-        "attention": args.attention, "ynn": args.ynn, "block": args.block, "settle": args.settle, "first_run_after_switch_s": switch, "views_run": run_views, "views_real": real_views, "torch_threads": torch.get_num_threads(),
+        "attention": args.attention, "ynn": args.ynn, "memory": args.memory, "block": args.block, "settle": args.settle, "first_run_after_switch_s": switch, "views_run": run_views, "views_real": real_views, "torch_threads": torch.get_num_threads(),
         "ours_cpu_per_wall": _cpu_ratio(wall["ours"], cpu["ours"]), "load_avg": _loadavg(),
     }
     if args.breakdown:

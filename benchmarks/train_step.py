@@ -143,11 +143,6 @@ def main() -> None:
         help="scan over the layer stacks (scan_layers=True, what deep models use to bound compile time); "
         "default unrolled, as one would run a 4-layer model: 11.05 -> 9.95 s in an in-process A/B here, "
         "the scan stacks every layer's saved probabilities into zero-filled buffers")
-    ap.add_argument(
-        "--memory", choices=("keep", "default"), default="keep",
-        help="keep (default): both sides keep freed memory for their next step (forward.py:keep_freed_memory; "
-        "JAX dispatches on the calling thread); default: glibc's and JAX's defaults, under which every step "
-        "faults its temporaries in afresh")
     ap.add_argument("--gemm-n", type=int, default=3072)
     ap.add_argument("--gemm-runs", type=int, default=7)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -156,6 +151,9 @@ def main() -> None:
         help="off (default): XLA_FLAGS+=--xla_cpu_experimental_ynn_fusion_type= (Eigen dots, 20-35%% faster "
         "matmuls in benchmarks/forward.py); default: XLA's YNNPACK fusions",
     )
+    import forward as fwd  # benchmarks/forward.py: model config, timing and roofline helpers
+
+    fwd.add_memory_flag(ap)
     args = ap.parse_args()
     if args.ynn == "off":  # before jax initialises its CPU backend
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=").strip()
@@ -165,8 +163,6 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     import jax
-
-    import forward as fwd  # benchmarks/forward.py: model config, timing and roofline helpers
 
     kept = fwd.keep_freed_memory() if args.memory == "keep" else False
     from transformers import LlavaNextForConditionalGeneration
