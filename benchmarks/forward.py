@@ -248,9 +248,10 @@ def timeit(fn: Callable[[], Any], runs: int, warmup: int) -> list[float]:
     return times
 
 
-def _process_cpu() -> float:
+def _process_cpu() -> tuple[float, float]:
+    """(user + system, system) CPU seconds of this process, from one snapshot."""
     t = os.times()
-    return t.user + t.system
+    return t.user + t.system, t.system
 
 
 def keep_freed_memory() -> bool:
@@ -283,10 +284,6 @@ def add_memory_flag(ap) -> None:
         help="keep (default): both sides keep freed memory for their next run (keep_freed_memory; JAX "
         "dispatches on the calling thread); default: glibc's and JAX's defaults, under which every run of "
         "ours faults its temporaries in afresh")
-
-
-def _process_sys() -> float:
-    return os.times().system
 
 
 def median_sys(cpu: dict[str, list[float]], name: str) -> float:
@@ -334,9 +331,10 @@ def interleaved(
     while min(len(wall[name]) for name in fns) < runs:
         for name, fn in fns.items():
             for i in range(settle + min(block, runs - len(wall[name]))):
-                c0, s0, t0 = _process_cpu(), _process_sys(), time.perf_counter()
+                (c0, s0), t0 = _process_cpu(), time.perf_counter()
                 fn()
-                elapsed, used, sys_s = time.perf_counter() - t0, _process_cpu() - c0, _process_sys() - s0
+                elapsed, (c1, s1) = time.perf_counter() - t0, _process_cpu()
+                used, sys_s = c1 - c0, s1 - s0
                 if i < settle:
                     wall[f"{name}/first_after_switch"].append(elapsed)
                     cpu[f"{name}/first_after_switch/sys"].append(sys_s)
@@ -488,14 +486,14 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     import jax
-
-    kept = keep_freed_memory() if args.memory == "keep" else False
     import jax.numpy as jnp
     from flax import nnx
     from transformers import LlavaNextForConditionalGeneration
 
     from instit_jax.convert.hf_config import to_hf_config
     from instit_jax.convert.hf_params import flax_arrays_from_hf, load_into_model
+
+    kept = keep_freed_memory() if args.memory == "keep" else False
 
     w, h = (int(x) for x in args.image.lower().split("x"))
     patch_attention(args.attention)

@@ -11,9 +11,10 @@ global-norm clipping, AdamW, state donated; per-row batch (B, Vr, S, S, 3), sequ
 multiple of --seq-bucket. Baseline: transformers' LlavaNextForConditionalGeneration with the same
 weights and samples (image tokens expanded, HF labels), `loss.backward()`, `clip_grad_norm_`,
 `torch.optim.AdamW` (foreach), torch threads = cores. Our layers are unrolled unless --scan. Both sides
-keep freed memory for their next step unless --memory default (forward.py:keep_freed_memory). Both start from the same weights; the first
-step's losses are compared, then the two sides take turns (--block timed runs each, after --settle
-untimed ones; medians reported) so that load from other processes hits both alike.
+keep freed memory for their next step unless --memory default (forward.py:keep_freed_memory). Both
+start from the same weights; the first step's losses are compared, then the two sides take turns
+(--block timed runs each, after --settle untimed ones; medians reported) so that load from other
+processes hits both alike.
 
 tokens/s counts the real (non-padding) tokens of the batch, the same number for both sides.
 roofline_fraction = analytic train FLOPs of our step (Trainer.flops_per_step: 3× forward matmuls of
